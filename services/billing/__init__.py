@@ -1,0 +1,1 @@
+"""billing: Huabei cycles, statements, installments, penalties and repayments."""

@@ -1,0 +1,1 @@
+"""credit: profiles (from the gateway's events), scores, Huabei accounts, limits, reservations."""

@@ -1,0 +1,1 @@
+"""escrow: holds funds per order; runs the release and refund sagas."""

@@ -1,0 +1,1 @@
+"""payment-gateway: the edge. Users, wallets, payments and the payment saga."""

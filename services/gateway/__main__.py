@@ -1,0 +1,4 @@
+from shared.runtime import main
+from services.gateway.app import SPEC
+
+main(SPEC)

@@ -1,0 +1,42 @@
+"""Postgres: one pool per service, its schema first on the search path, migrations applied in
+order, once, under an advisory lock (several copies of a service may start together)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+
+RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+        server_settings={"search_path": schema, "application_name": f"danbao-{schema}"},
+    )
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, folders: list[Path]) -> list[str]:
+    """Apply `*.sql` files of each folder (runtime's first), each once, in name order."""
+    applied_now = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"migrate:{schema}")
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for folder in folders:
+            for path in sorted(folder.glob("*.sql")):
+                name = f"{folder.parent.name}/{path.name}"
+                if name in done:
+                    continue
+                await conn.execute(path.read_text())
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                applied_now.append(name)
+    return applied_now

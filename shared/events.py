@@ -1,0 +1,237 @@
+"""The event envelope and every event model: the single source of truth for what crosses Kafka.
+
+Public events follow CONTRACT.md §2–4 letter by letter. Models are strict: unknown fields,
+wrong types (a float or a bool where fen are expected), missing fields and out-of-range values
+are rejected. `python -m shared.events` writes them as JSON Schema files under docs/schemas/.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import date, datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      ValidationError, model_validator)
+
+from shared import topics
+
+Identifier = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Fen = Annotated[StrictInt, Field(ge=0)]
+CardToken = Annotated[StrictStr, Field(pattern=r"^tok_[A-Za-z0-9_-]{1,60}$")]
+Reason = Annotated[StrictStr, Field(max_length=200)]
+PaymentMethod = Literal["balance", "bank_card", "huabei"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- envelope (§2)
+class Envelope(Strict):
+    event_id: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    type: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    version: Literal[1]
+    occurred_at: AwareDatetime
+    source: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    correlation_id: Annotated[StrictStr, Field(max_length=128)] | None = None
+    causation_id: Annotated[StrictStr, Field(max_length=128)] | None = None
+    data: dict[str, Any]
+
+
+# ---------------------------------------------------------------- orders.events (§3, input)
+class OrderPlaced(Strict):
+    order_id: Identifier
+    buyer_id: Identifier
+    seller_id: Identifier
+    amount: Annotated[StrictInt, Field(ge=1, le=100_000_000)]
+    currency: Literal["CNY"]
+    payment_method: PaymentMethod
+    card_token: CardToken | None = None
+    installments: Literal[1, 3, 6, 9, 12] = 1
+    auto_confirm_days: Annotated[StrictInt, Field(ge=1, le=30)] = 10
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "OrderPlaced":
+        if self.payment_method == "bank_card" and self.card_token is None:
+            raise ValueError("card_token is required when payment_method is bank_card")
+        if self.payment_method != "bank_card" and "card_token" in self.model_fields_set:
+            raise ValueError("card_token is only allowed when payment_method is bank_card")
+        if self.payment_method != "huabei" and self.installments != 1:
+            raise ValueError("installments other than 1 are only allowed when payment_method is huabei")
+        return self
+
+
+class OrderShipped(Strict):
+    order_id: Identifier
+
+
+class OrderConfirmed(Strict):
+    order_id: Identifier
+
+
+class OrderCancelled(Strict):
+    order_id: Identifier
+    reason: Reason
+
+
+class RefundRequested(Strict):
+    order_id: Identifier
+    refund_id: Identifier
+    amount: Annotated[StrictInt, Field(ge=1, le=100_000_000)]
+    reason: Reason
+
+
+# ---------------------------------------------------------------- payments.events (§4, output)
+class PaymentSucceeded(Strict):
+    order_id: Identifier
+    payment_id: StrictStr
+    buyer_id: Identifier
+    seller_id: Identifier
+    amount: Fen
+    payment_method: PaymentMethod
+    installments: StrictInt
+
+
+PaymentFailureCode = Literal[
+    "DUPLICATE_ORDER", "UNKNOWN_BUYER", "UNKNOWN_SELLER", "INSUFFICIENT_BALANCE", "CARD_DECLINED",
+    "CHANNEL_TIMEOUT", "HUABEI_NOT_ACTIVE", "HUABEI_FROZEN", "CREDIT_LIMIT_EXCEEDED", "RISK_REJECTED",
+    "ORDER_CANCELLED",
+]
+RefundRejectionCode = Literal[
+    "UNKNOWN_ORDER", "NOT_PAID", "ALREADY_RELEASED", "REFUND_EXCEEDS_PAID", "SELLER_INSUFFICIENT_FUNDS",
+]
+
+
+class PaymentFailed(Strict):
+    order_id: Identifier
+    reason_code: PaymentFailureCode
+    message: StrictStr
+
+
+class FundsReleased(Strict):
+    order_id: Identifier
+    seller_id: Identifier
+    gross_amount: Fen
+    fee_amount: Fen
+    net_amount: Fen
+    trigger: Literal["confirmed", "auto_confirm"]
+
+
+class RefundCompleted(Strict):
+    order_id: Identifier
+    refund_id: Identifier
+    amount: Fen
+    payment_method: PaymentMethod
+
+
+class RefundRejected(Strict):
+    order_id: Identifier
+    refund_id: Identifier | None
+    reason_code: RefundRejectionCode
+
+
+# ---------------------------------------------------------------- internal events
+class UserRegistered(Strict):
+    """gateway -> users.events: the part of a user other services may keep (event-carried state)."""
+    user_id: Identifier
+    birth_date: date | None
+    phone: StrictStr | None
+    id_number: StrictStr | None
+    real_name_verified: StrictBool
+    registered_at: AwareDatetime
+
+
+# Which event types each consumed topic carries.
+SCHEMAS: dict[str, dict[str, type[Strict]]] = {
+    topics.ORDERS: {m.__name__: m for m in (OrderPlaced, OrderShipped, OrderConfirmed, OrderCancelled, RefundRequested)},
+    topics.PAYMENTS: {m.__name__: m for m in (PaymentSucceeded, PaymentFailed, FundsReleased, RefundCompleted, RefundRejected)},
+    topics.USERS: {m.__name__: m for m in (UserRegistered,)},
+}
+
+
+# ---------------------------------------------------------------- decoding
+class DecodeError(Exception):
+    """A record that can never be accepted; `code` goes to the DLQ's `error.code` header."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _describe(exc: ValidationError, prefix: str) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{prefix}{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode(topic: str, raw: bytes | None) -> tuple[Envelope, Strict]:
+    """Bytes -> (envelope, typed data), or DecodeError with INVALID_JSON, INVALID_ENVELOPE,
+    UNKNOWN_EVENT_TYPE or INVALID_DATA."""
+    try:
+        obj = json.loads(raw) if raw is not None else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError("INVALID_JSON", f"value is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("INVALID_ENVELOPE", "value must be a JSON object")
+    try:
+        env = Envelope.model_validate(obj)
+    except ValidationError as exc:
+        raise DecodeError("INVALID_ENVELOPE", _describe(exc, "")) from None
+    model = SCHEMAS.get(topic, {}).get(env.type)
+    if model is None:
+        raise DecodeError("UNKNOWN_EVENT_TYPE", f"unknown event type {env.type!r} on {topic}")
+    try:
+        data = model.model_validate(env.data)
+    except ValidationError as exc:
+        raise DecodeError("INVALID_DATA", _describe(exc, "data.")) from None
+    return env, data
+
+
+# ---------------------------------------------------------------- encoding
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_event(data: Strict, *, source: str, occurred_at: datetime, correlation_id: str | None = None,
+              causation_id: str | None = None, event_id: str | None = None) -> dict[str, Any]:
+    """An envelope as a JSON-ready dict."""
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "type": type(data).__name__,
+        "version": 1,
+        "occurred_at": rfc3339(occurred_at),
+        "source": source,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id,
+        "data": data.model_dump(mode="json"),
+    }
+
+
+def encode(envelope: dict[str, Any]) -> bytes:
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ---------------------------------------------------------------- JSON Schema export
+def write_schemas(folder: str) -> list[str]:
+    import pathlib
+
+    out = pathlib.Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    models = [Envelope] + [m for by_type in SCHEMAS.values() for m in by_type.values()]
+    for model in models:
+        path = out / f"{model.__name__}.json"
+        path.write_text(json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n")
+        written.append(str(path))
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    for p in write_schemas(sys.argv[1] if len(sys.argv) > 1 else "docs/schemas"):
+        print(p)

@@ -1,0 +1,143 @@
+"""What every service's HTTP API has: the error shape, /health, /metrics, /openapi.json, the
+test clock's /admin/clock, and request metrics."""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared import auth, metrics
+from shared.clock import ClockMovedBack
+from shared.errors import ApiError
+from shared.events import rfc3339
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 422)}
+
+
+def ctx_of(request: Request):
+    return request.app.state.ctx
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+
+
+def create_app(service: str, routers: list[APIRouter]) -> FastAPI:
+    app = FastAPI(title=f"Danbao {service}", version="1", openapi_url="/openapi.json", docs_url="/docs",
+                  redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return _error(400, "INVALID_REQUEST", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.HTTP_REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), response.status_code).inc()
+        return response
+
+    app.include_router(_common_router())
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+class ClockMove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    advance_seconds: Annotated[StrictInt | StrictFloat, Field(ge=0)] | None = None
+    set: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ClockMove":
+        if (self.advance_seconds is None) == (self.set is None):
+            raise ValueError("give exactly one of advance_seconds and set")
+        return self
+
+
+class ClockNow(BaseModel):
+    now: str
+
+
+def _common_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", tags=["operations"])
+    async def health(request: Request):
+        ctx = ctx_of(request)
+        checks = {}
+        try:
+            await asyncio.wait_for(ctx.pool.fetchval("SELECT 1"), 3)
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"error: {exc!r}"
+        try:
+            await asyncio.wait_for(ctx.producer.client.fetch_all_metadata(), 3)
+            checks["kafka"] = "ok"
+        except Exception as exc:
+            checks["kafka"] = f"error: {exc!r}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(status_code=200 if ok else 503,
+                            content={"status": "ok" if ok else "unavailable", "service": ctx.settings.service, **checks})
+
+    @router.get("/metrics", tags=["operations"])
+    async def prometheus_metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    def controllable_clock(request: Request):
+        clock = ctx_of(request).clock
+        if not clock.controllable:
+            raise ApiError(404, "NOT_FOUND", "the test clock is off (DANBAO_CLOCK=system)")
+        return clock
+
+    @router.get("/admin/clock", response_model=ClockNow, responses=ERRORS, tags=["test clock"],
+                dependencies=[Depends(auth.operator)])
+    async def get_clock(request: Request):
+        clock = controllable_clock(request)
+        return {"now": rfc3339(await clock.refresh())}
+
+    @router.post("/admin/clock", response_model=ClockNow, responses=ERRORS, tags=["test clock"],
+                 dependencies=[Depends(auth.operator)])
+    async def move_clock(move: ClockMove, request: Request):
+        clock = controllable_clock(request)
+        try:
+            if move.set is not None:
+                now = await clock.set(move.set)
+            else:
+                now = await clock.advance(move.advance_seconds)
+        except ClockMovedBack as exc:
+            raise ApiError(409, "CLOCK_MOVED_BACK", str(exc)) from None
+        ctx_of(request).clock_moved.set()
+        return {"now": rfc3339(now)}
+
+    return router

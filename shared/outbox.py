@@ -1,0 +1,116 @@
+"""Transactional outbox and its relay.
+
+Handlers call `add` / `add_raw` on the connection of their transaction, so an event is stored
+exactly when the state change that emits it commits. The relay publishes stored rows in id
+order with an idempotent producer (acks=all) and only then stamps them published: a crash
+between commit and publish means the row is published after the restart, never lost. A crash
+after publish and before the stamp republishes it; consumers deduplicate on event_id.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from shared import events, metrics
+
+log = structlog.get_logger("outbox")
+
+
+def channel(schema: str) -> str:
+    return f"outbox_{schema}"
+
+
+async def add(conn: asyncpg.Connection, topic: str, key: str | None, envelope: dict[str, Any]) -> None:
+    await add_raw(conn, topic, key.encode() if key is not None else None, events.encode(envelope))
+
+
+async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value: bytes | None,
+                  headers: list[tuple[str, bytes]] = ()) -> None:
+    # One round trip: the row and the relay's wake-up call (delivered at commit, deduplicated
+    # by Postgres within the transaction).
+    await conn.execute(
+        """WITH row AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
+                        VALUES ($1, $2, $3, $4, $5) RETURNING 1)
+           SELECT pg_notify('outbox_' || current_schema(), '') FROM row""",
+        topic, key, value, [k for k, _ in headers], [v for _, v in headers],
+    )
+
+
+class Relay:
+    """Publishes one schema's outbox. One relay per schema is active at a time (advisory lock),
+    which keeps per-key order when several copies of a service run."""
+
+    def __init__(self, dsn: str, schema: str, pool: asyncpg.Pool, producer: AIOKafkaProducer,
+                 batch_size: int = 500, retention_hours: int = 24):
+        self.dsn, self.schema, self.pool, self.producer = dsn, schema, pool, producer
+        self.batch_size = batch_size
+        self.retention_hours = retention_hours
+        self._wake = asyncio.Event()
+        # Fault injection for the restart-safety test: die after reading rows, before publishing.
+        self._crash_before_publish = os.environ.get("DANBAO_FAULT") == "relay_crash_before_publish"
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._run_locked()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Kafka or Postgres away: keep the rows, try again
+                log.warning("outbox relay error, retrying", error=repr(exc))
+                await asyncio.sleep(1)
+
+    async def _run_locked(self) -> None:
+        lock_conn = await asyncpg.connect(self.dsn, server_settings={"application_name": f"danbao-{self.schema}-relay"})
+        try:
+            while not await lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{self.schema}"):
+                await asyncio.sleep(1)
+            await lock_conn.add_listener(channel(self.schema), lambda *_: self._wake.set())
+            log.info("outbox relay active", schema=self.schema)
+            last_purge = 0.0
+            loop = asyncio.get_running_loop()
+            while True:
+                self._wake.clear()
+                published = await self.publish_pending()
+                if loop.time() - last_purge > 60:
+                    await self._purge()
+                    last_purge = loop.time()
+                if published < self.batch_size:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                if lock_conn.is_closed():
+                    raise ConnectionError("relay lock connection lost")
+        finally:
+            await lock_conn.close()
+
+    async def publish_pending(self) -> int:
+        rows = await self.pool.fetch(
+            """SELECT id, topic, key, value, header_keys, header_values FROM outbox
+               WHERE published_at IS NULL ORDER BY id LIMIT $1""", self.batch_size)
+        if not rows:
+            return 0
+        if self._crash_before_publish:
+            log.warning("fault injection: relay exits before publishing", rows=len(rows))
+            os._exit(137)
+        futures = []
+        for r in rows:
+            headers = list(zip(r["header_keys"], r["header_values"]))
+            futures.append(await self.producer.send(r["topic"], value=r["value"], key=r["key"], headers=headers))
+        await asyncio.gather(*futures)
+        await self.pool.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                                [r["id"] for r in rows])
+        for r in rows:
+            metrics.OUTBOX_PUBLISHED.labels(topic=r["topic"]).inc()
+        return len(rows)
+
+    async def _purge(self) -> None:
+        await self.pool.execute(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)", self.retention_hours)
+        backlog = await self.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        metrics.OUTBOX_BACKLOG.set(backlog)

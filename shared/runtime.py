@@ -1,0 +1,106 @@
+"""Runs one service process: settings, Postgres pool and migrations, topics, consumers, the
+outbox relay, background loops (timers) and the HTTP API, until SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import asyncpg
+import structlog
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from fastapi import APIRouter
+
+from shared import db, http, kafka, logs, settings as settings_mod, topics
+from shared.clock import ControllableClock, SystemClock, make_clock
+from shared.consumer import ConsumerLoop, Subscription
+from shared.outbox import Relay
+
+log = structlog.get_logger("runtime")
+
+
+@dataclass
+class Context:
+    """What handlers, API routes and loops of one service process share."""
+    settings: settings_mod.Settings
+    pool: asyncpg.Pool
+    producer: AIOKafkaProducer
+    clock: SystemClock | ControllableClock
+    clock_moved: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    migrations: Path
+    routers: list[APIRouter]
+    subscriptions: Callable[[Context], list[Subscription]] = lambda ctx: []
+    loops: list[Callable[[Context], Awaitable[None]]] = field(default_factory=list)  # timers, schedulers
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # the runtime owns signals
+        yield
+
+
+async def run(spec: ServiceSpec) -> None:
+    settings = settings_mod.load(spec.name)
+    logs.configure(spec.name)
+    log.info("starting", kafka=settings.kafka_bootstrap_servers, clock=settings.clock_mode)
+
+    pool = await db.create_pool(settings.database_url, settings.schema)
+    applied = await db.migrate(pool, settings.schema, [db.RUNTIME_MIGRATIONS, spec.migrations])
+    if applied:
+        log.info("migrations applied", migrations=applied)
+    clock = make_clock(settings.clock_mode)
+    await clock.start(pool)
+    await kafka.ensure_topics(settings.kafka_bootstrap_servers, topics.ALL, settings.topic_partitions)
+    producer = kafka.make_producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    ctx = Context(settings=settings, pool=pool, producer=producer, clock=clock)
+
+    app = http.create_app(spec.name, spec.routers)
+    app.state.ctx = ctx
+    server = _Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
+                                   access_log=False, lifespan="off"))
+
+    tasks = [asyncio.create_task(Relay(settings.database_url, settings.schema, pool, producer).run(), name="relay")]
+    subscriptions = spec.subscriptions(ctx)
+    if subscriptions:
+        loop_ = ConsumerLoop(bootstrap=settings.kafka_bootstrap_servers, group_id=spec.name, pool=pool,
+                             subscriptions=subscriptions)
+        tasks.append(asyncio.create_task(loop_.run(), name="consumer"))
+    tasks += [asyncio.create_task(f(ctx), name=f.__name__) for f in spec.loops]
+    tasks.append(asyncio.create_task(server.serve(), name="http"))
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
+    for t in failed:
+        log.error("task failed; shutting down", task=t.get_name(), error=repr(t.exception()))
+    log.info("stopping")
+    server.should_exit = True
+    for t in tasks:
+        if t.get_name() != "http":
+            t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await producer.stop()
+    await clock.stop()
+    await pool.close()
+    if failed:
+        raise SystemExit(1)
+
+
+def main(spec: ServiceSpec) -> None:
+    try:
+        asyncio.run(run(spec))
+    except settings_mod.SettingsError as exc:
+        raise SystemExit(f"danbao-{spec.name}: {exc}") from None

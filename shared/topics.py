@@ -1,0 +1,16 @@
+"""Kafka topic names. The first three are public (CONTRACT.md §2); the rest are internal."""
+ORDERS = "orders.events"
+PAYMENTS = "payments.events"
+ORDERS_DLQ = "orders.events.dlq"
+USERS = "users.events"  # gateway -> credit (and others): UserRegistered
+ESCROW_COMMANDS = "escrow.commands"
+ESCROW_EVENTS = "escrow.events"
+CREDIT_COMMANDS = "credit.commands"
+CREDIT_EVENTS = "credit.events"
+BILLING_EVENTS = "billing.events"
+
+ALL = [ORDERS, PAYMENTS, USERS, ESCROW_COMMANDS, ESCROW_EVENTS, CREDIT_COMMANDS, CREDIT_EVENTS, BILLING_EVENTS]
+
+
+def dlq(topic: str) -> str:
+    return f"{topic}.dlq"
