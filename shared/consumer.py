@@ -45,13 +45,18 @@ def dead_letter_headers(record: Any, code: str, message: str) -> list[tuple[str,
 class Subscription:
     topic: str
     handlers: dict[str, Handler]  # event type -> handler; types without one are accepted and ignored
+    schemas: dict[str, type[Strict]] | None = None  # event type -> model; default: events.SCHEMAS[topic]
+
+    def __post_init__(self) -> None:
+        if self.schemas is None:
+            self.schemas = events.SCHEMAS[self.topic]
 
 
 class ConsumerLoop:
     def __init__(self, *, bootstrap: str, group_id: str, pool: asyncpg.Pool,
                  subscriptions: list[Subscription], max_records: int = 500):
         self.pool = pool
-        self.by_topic = {s.topic: s.handlers for s in subscriptions}
+        self.by_topic = {s.topic: s for s in subscriptions}
         self.max_records = max_records
         self.consumer = AIOKafkaConsumer(
             *self.by_topic, bootstrap_servers=bootstrap, group_id=group_id,
@@ -96,7 +101,7 @@ class ConsumerLoop:
     async def _apply_one(self, conn: asyncpg.Connection, record: Any) -> None:
         topic = record.topic
         try:
-            env, data = events.decode(topic, record.value)
+            env, data = events.decode(record.value, self.by_topic[topic].schemas, topic)
         except DecodeError as exc:
             await self._dead_letter(conn, record, exc.code, exc.message)
             return
@@ -106,7 +111,7 @@ class ConsumerLoop:
                 metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc()
                 log.info("duplicate delivery ignored")
                 return
-            handler = self.by_topic[topic].get(env.type)
+            handler = self.by_topic[topic].handlers.get(env.type)
             if handler is None:
                 metrics.CONSUMED.labels(topic=topic, outcome="ignored").inc()
                 return

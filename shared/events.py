@@ -168,9 +168,9 @@ def _describe(exc: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
-def decode(topic: str, raw: bytes | None) -> tuple[Envelope, Strict]:
-    """Bytes -> (envelope, typed data), or DecodeError with INVALID_JSON, INVALID_ENVELOPE,
-    UNKNOWN_EVENT_TYPE or INVALID_DATA."""
+def decode(raw: bytes | None, schemas: dict[str, type[Strict]], topic: str = "") -> tuple[Envelope, Strict]:
+    """Bytes -> (envelope, typed data) for a topic carrying `schemas` (type -> model), or
+    DecodeError with INVALID_JSON, INVALID_ENVELOPE, UNKNOWN_EVENT_TYPE or INVALID_DATA."""
     try:
         obj = json.loads(raw) if raw is not None else None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -181,9 +181,9 @@ def decode(topic: str, raw: bytes | None) -> tuple[Envelope, Strict]:
         env = Envelope.model_validate(obj)
     except ValidationError as exc:
         raise DecodeError("INVALID_ENVELOPE", _describe(exc, "")) from None
-    model = SCHEMAS.get(topic, {}).get(env.type)
+    model = schemas.get(env.type)
     if model is None:
-        raise DecodeError("UNKNOWN_EVENT_TYPE", f"unknown event type {env.type!r} on {topic}")
+        raise DecodeError("UNKNOWN_EVENT_TYPE", f"unknown event type {env.type!r}" + (f" on {topic}" if topic else ""))
     try:
         data = model.model_validate(env.data)
     except ValidationError as exc:

@@ -1,0 +1,70 @@
+# One image for all four Danbao services (gateway, escrow, credit, billing).
+#
+#   docker build -t danbao .
+#   docker run ... danbao                                  # runs services.gateway (DANBAO_SERVICE default)
+#   docker run -e DANBAO_SERVICE=escrow ... danbao         # chooses the service by env
+#   docker run ... danbao python -m services.credit        # or by argument (what docker-compose.yml does)
+#                     (by argument, also pass -e DANBAO_SERVICE=credit or -e PORT=8003 so that the
+#                      image's HEALTHCHECK probes the right port; docker-compose.yml sets its own)
+#
+# Settings come from the environment exactly as outside Docker (CONTRACT.md §1, §7;
+# shared/settings.py): KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, the four *_URL (a service listens
+# on the port of its own URL), DANBAO_CLOCK, DANBAO_API_TOKEN, DANBAO_JWT_SECRET. There are no
+# secrets in the image: the services refuse to start without DANBAO_API_TOKEN and DANBAO_JWT_SECRET.
+
+# ---------------------------------------------------------------- build stage
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+
+# Dependencies first (their own layer, reused while only the code changes): the pinned list is
+# read from pyproject.toml itself, so there is no second requirements file to keep in step.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# Then the project itself (packages shared*, services*, deploy*, with their migrations/*.sql).
+COPY shared ./shared
+COPY services ./services
+COPY deploy ./deploy
+RUN pip install --no-deps . \
+ && python -c "import services.gateway.app, services.escrow.app, services.credit.app, services.billing.app"
+
+# ---------------------------------------------------------------- runtime stage
+FROM python:3.11-slim
+
+# Non-root, numeric uid so orchestrators can verify runAsNonRoot.
+RUN groupadd --system --gid 10001 danbao \
+ && useradd --system --uid 10001 --gid danbao --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin danbao
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HTTP_HOST=0.0.0.0 \
+    DANBAO_SERVICE=gateway
+
+WORKDIR /app
+USER 10001:10001
+
+EXPOSE 8001 8002 8003 8004
+
+# GET /health answers 200 only when the service reaches Kafka and Postgres. The port is $PORT
+# when given, otherwise the port of the chosen service's *_URL setting (its default otherwise),
+# which is the port the service listens on. python:3.11-slim has no curl, hence urllib.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=6 \
+  CMD python -c "import os, urllib.parse, urllib.request; from shared.settings import DEFAULT_URLS; s = os.environ.get('DANBAO_SERVICE') or 'gateway'; port = os.environ.get('PORT') or urllib.parse.urlparse(os.environ.get(s.upper() + '_URL') or DEFAULT_URLS[s]).port; urllib.request.urlopen('http://127.0.0.1:%s/health' % port, timeout=4)" || exit 1
+
+# The runtime handles SIGTERM (graceful stop); `exec` makes python PID 1 so it receives it.
+# Override with an argument (e.g. `python -m services.escrow`) or set DANBAO_SERVICE.
+CMD ["sh", "-c", "exec python -m \"services.${DANBAO_SERVICE}\""]

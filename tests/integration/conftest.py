@@ -1,0 +1,214 @@
+"""Integration fixtures: the four service processes on the real Kafka and Postgres, clients for
+their APIs, and a plain Kafka client to publish upstream records and read topics back."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import asyncpg
+import httpx
+import jwt
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from shared import settings as settings_mod
+
+ROOT = Path(__file__).resolve().parents[2]
+LOGS = ROOT / ".data" / "logs"
+API_TOKEN = "test-operator-token"
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+SERVICES = ("gateway", "escrow", "credit", "billing")
+
+
+def url_of(name: str) -> str:
+    return settings_mod.DEFAULT_URLS[name]
+
+
+class ServiceProcess:
+    """One service as a real OS process, killable with SIGKILL and restartable."""
+
+    def __init__(self, name: str, env: dict[str, str]):
+        self.name, self.env = name, env
+        self.proc: subprocess.Popen | None = None
+        self.url = url_of(name)
+
+    def start(self, **extra_env: str) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = open(LOGS / f"test-{self.name}.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], cwd=ROOT,
+                                     env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    async def wait_exit(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not exit within {timeout}s")
+            await asyncio.sleep(0.1)
+        return self.proc.returncode
+
+    async def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.name} exited with {self.proc.returncode}; see {LOGS}/test-{self.name}.log")
+                try:
+                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"{self.name} not healthy within {timeout}s")
+
+    async def restart(self, **extra_env: str) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.kill()
+        self.start(**extra_env)
+        await self.wait_healthy()
+
+
+def _port_free(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    with socket.socket() as s:
+        return s.connect_ex((parsed.hostname, parsed.port)) != 0
+
+
+@pytest.fixture(scope="session")
+def service_env(infra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DANBAO_", "GATEWAY_", "ESCROW_", "CREDIT_", "BILLING_"))}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=infra.kafka, DATABASE_URL=infra.database_url, DANBAO_CLOCK="controllable",
+               DANBAO_API_TOKEN=API_TOKEN, DANBAO_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+async def services(service_env) -> dict[str, ServiceProcess]:
+    busy = [n for n in SERVICES if not _port_free(url_of(n))]
+    if busy:
+        pytest.exit(f"ports of {busy} are in use: stop running services first (./danbao down)", returncode=3)
+    procs = {n: ServiceProcess(n, service_env) for n in SERVICES}
+    for p in procs.values():
+        p.start()
+    await asyncio.gather(*(p.wait_healthy(90) for p in procs.values()))
+    yield procs
+    for p in procs.values():
+        if p.proc and p.proc.poll() is None:
+            p.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+async def db(infra) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(infra.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+def user_token(user_id: str, expires_in: int = 3600) -> str:
+    return jwt.encode({"sub": user_id, "exp": datetime.now(timezone.utc) + timedelta(seconds=expires_in)},
+                      JWT_SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="session")
+async def api(services) -> Callable[[str], httpx.AsyncClient]:
+    """api("gateway") -> an HTTP client for that service with the operator token."""
+    clients = {n: httpx.AsyncClient(base_url=url_of(n), timeout=10, headers={"Authorization": f"Bearer {API_TOKEN}"})
+               for n in SERVICES}
+    yield clients.__getitem__
+    for c in clients.values():
+        await c.aclose()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def envelope(type_: str, data: dict[str, Any], **over: Any) -> dict[str, Any]:
+    return {"event_id": str(uuid.uuid4()), "type": type_, "version": 1, "occurred_at": "2026-11-25T10:00:00Z",
+            "source": "shop-orders", "correlation_id": data.get("order_id"), "causation_id": None, "data": data, **over}
+
+
+class Kafka:
+    """A plain, independent Kafka client for tests: publish raw records, read topics back."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+
+    async def send(self, topic: str, value: bytes | dict, key: str | None = None):
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return await self.producer.send_and_wait(topic, raw, key=key.encode() if key else None)
+
+    async def end_offsets(self, topic: str) -> dict[TopicPartition, int]:
+        tps = [TopicPartition(topic, p) for p in await self.producer.partitions_for(topic)]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        await consumer.start()
+        try:
+            return await consumer.end_offsets(tps)
+        finally:
+            await consumer.stop()
+
+    async def read(self, topic: str, since: dict[TopicPartition, int], until: Callable[[list], bool],
+                   timeout: float = 30) -> list:
+        """Records written after `since` until `until(records)` holds (or the timeout)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        records: list = []
+        try:
+            consumer.assign(list(since))
+            for tp, offset in since.items():
+                consumer.seek(tp, offset)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not until(records):
+                batch = await consumer.getmany(timeout_ms=300)
+                for recs in batch.values():
+                    records.extend(recs)
+            return records
+        finally:
+            await consumer.stop()
+
+
+@pytest.fixture(scope="session")
+async def kafka(infra) -> Kafka:
+    client = Kafka(infra.kafka)
+    await client.producer.start()
+    yield client
+    await client.producer.stop()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 30, interval: float = 0.2):
+    """Poll an async `check` until it returns something truthy; its last value otherwise fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            assert result, f"condition not met within {timeout}s: last value {result!r}"
+            return result
+        await asyncio.sleep(interval)
+
+
+def payments_of(records: list, order_id: str) -> list[dict]:
+    out = []
+    for r in records:
+        value = json.loads(r.value)
+        if value["data"].get("order_id") == order_id:
+            out.append(value)
+    return out

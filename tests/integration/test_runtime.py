@@ -1,0 +1,160 @@
+"""The shared runtime on its own, against the real Kafka and Postgres: outbox -> relay -> Kafka
+-> consumer loop -> handler, exactly-once effects, dead letters, and restart safety."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime, timezone
+
+import asyncpg
+import pytest
+
+from shared import db as dbmod, events, outbox
+from shared.consumer import ConsumerLoop, Subscription
+from shared.events import UserRegistered
+from shared.kafka import ensure_topics, make_producer
+from shared.outbox import Relay
+from tests.integration.conftest import eventually
+
+SCHEMAS = {"UserRegistered": UserRegistered}
+
+
+@pytest.fixture
+async def scratch(infra):
+    """A fresh schema with the runtime's tables, a pool on it, and a fresh topic (+ its DLQ)."""
+    schema = f"rt_{uuid.uuid4().hex[:8]}"
+    topic = f"test.{schema}"
+    pool = await dbmod.create_pool(infra.database_url, schema)
+    await dbmod.migrate(pool, schema, [dbmod.RUNTIME_MIGRATIONS])
+    await pool.execute("CREATE TABLE applied (user_id text PRIMARY KEY, times int NOT NULL)")
+    await ensure_topics(infra.kafka, [topic], partitions=2)
+    yield schema, topic, pool
+    await pool.close()
+
+
+def registered(user_id: str) -> dict:
+    data = UserRegistered(user_id=user_id, birth_date=None, phone=None, id_number=None, real_name_verified=False,
+                          registered_at=datetime(2026, 11, 25, tzinfo=timezone.utc))
+    return events.new_event(data, source="test", occurred_at=datetime.now(timezone.utc), correlation_id=user_id)
+
+
+async def count_applied(conn: asyncpg.Connection, env, data) -> None:
+    await conn.execute("""INSERT INTO applied (user_id, times) VALUES ($1, 1)
+                          ON CONFLICT (user_id) DO UPDATE SET times = applied.times + 1""", data.user_id)
+
+
+class Running:
+    def __init__(self, infra, schema, topic, pool):
+        self.infra, self.schema, self.topic, self.pool = infra, schema, topic, pool
+        self.tasks: list[asyncio.Task] = []
+        self.producer = make_producer(infra.kafka)
+
+    async def __aenter__(self):
+        await self.producer.start()
+        relay = Relay(self.infra.database_url, self.schema, self.pool, self.producer)
+        loop = ConsumerLoop(bootstrap=self.infra.kafka, group_id=f"g-{self.schema}", pool=self.pool,
+                            subscriptions=[Subscription(self.topic, {"UserRegistered": count_applied}, SCHEMAS)])
+        self.tasks = [asyncio.create_task(relay.run()), asyncio.create_task(loop.run())]
+        return self
+
+    async def __aexit__(self, *exc):
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.producer.stop()
+
+
+async def applied_times(pool, user_id):
+    return await pool.fetchval("SELECT times FROM applied WHERE user_id = $1", user_id)
+
+
+async def test_outbox_to_kafka_to_consumer_round_trip(infra, scratch):
+    schema, topic, pool = scratch
+    async with Running(infra, schema, topic, pool):
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, topic, "u-1", registered("u-1"))
+        assert await eventually(lambda: applied_times(pool, "u-1")) == 1
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_rolled_back_transaction_publishes_nothing(infra, scratch):
+    schema, topic, pool = scratch
+    async with Running(infra, schema, topic, pool):
+        with pytest.raises(RuntimeError):
+            async with pool.acquire() as conn, conn.transaction():
+                await outbox.add(conn, topic, "u-ghost", registered("u-ghost"))
+                raise RuntimeError("the state change failed")
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, topic, "u-real", registered("u-real"))
+        await eventually(lambda: applied_times(pool, "u-real"))
+        assert await applied_times(pool, "u-ghost") is None
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def test_redelivered_event_is_applied_once(infra, scratch, kafka):
+    schema, topic, pool = scratch
+    event = registered("u-dup")
+    async with Running(infra, schema, topic, pool):
+        for _ in range(3):
+            await kafka.send(topic, event, key="u-dup")
+        await kafka.send(topic, registered("u-after"), key="u-dup")  # same partition, after the copies
+        await eventually(lambda: applied_times(pool, "u-after"))
+        assert await applied_times(pool, "u-dup") == 1
+
+
+async def test_relay_publishes_rows_committed_while_it_was_down(infra, scratch):
+    schema, topic, pool = scratch
+    # Committed with no relay running: exactly the state a crash between commit and publish leaves.
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(3):
+            await outbox.add(conn, topic, f"u-{i}", registered(f"u-late-{i}"))
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 3
+    async with Running(infra, schema, topic, pool):
+        for i in range(3):
+            assert await eventually(lambda: applied_times(pool, f"u-late-{i}")) == 1
+
+
+async def test_poison_record_is_dead_lettered_and_the_partition_moves_on(infra, scratch, kafka):
+    schema, topic, pool = scratch
+    dlq_start = await kafka.end_offsets(f"{topic}.dlq")
+    async with Running(infra, schema, topic, pool):
+        bad = b'{"event_id": 1}'
+        meta = await kafka.send(topic, bad, key="k")
+        await kafka.send(topic, registered("u-next"), key="k")
+        await eventually(lambda: applied_times(pool, "u-next"))
+        records = await kafka.read(f"{topic}.dlq", dlq_start, until=lambda rs: len(rs) >= 1)
+    assert [r.value for r in records] == [bad]
+    headers = dict(records[0].headers)
+    assert headers["error.code"] == b"INVALID_ENVELOPE"
+    assert headers["original.offset"] == str(meta.offset).encode()
+
+
+async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infra, scratch, kafka):
+    schema, topic, pool = scratch
+
+    async def half_then_fail(conn, env, data):
+        await count_applied(conn, env, data)
+        if data.user_id == "u-boom":
+            raise ValueError("rule violated")
+
+    dlq_start = await kafka.end_offsets(f"{topic}.dlq")
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    relay = asyncio.create_task(Relay(infra.database_url, schema, pool, producer).run())
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": half_then_fail}, SCHEMAS)])
+    consumer = asyncio.create_task(loop.run())
+    try:
+        await kafka.send(topic, registered("u-boom"), key="k")
+        await kafka.send(topic, registered("u-fine"), key="k")
+        await eventually(lambda: applied_times(pool, "u-fine"))
+        records = await kafka.read(f"{topic}.dlq", dlq_start, until=lambda rs: len(rs) >= 1)
+    finally:
+        for t in (relay, consumer):
+            t.cancel()
+        await asyncio.gather(relay, consumer, return_exceptions=True)
+        await producer.stop()
+    assert await applied_times(pool, "u-boom") is None  # the savepoint rolled its half-effect back
+    assert dict(records[0].headers)["error.code"] == b"HANDLER_ERROR"
+    assert json.loads(records[0].value)["data"]["user_id"] == "u-boom"
