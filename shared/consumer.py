@@ -54,8 +54,12 @@ class Subscription:
 
 class ConsumerLoop:
     def __init__(self, *, bootstrap: str, group_id: str, pool: asyncpg.Pool,
-                 subscriptions: list[Subscription], max_records: int = 500):
+                 subscriptions: list[Subscription], max_records: int = 500,
+                 before_batch: Callable[[], Awaitable[Any]] | None = None):
         self.pool = pool
+        # E.g. re-read the test clock, so a batch never runs on a clock older than a move
+        # that happened before its records were published.
+        self.before_batch = before_batch
         self.by_topic = {s.topic: s for s in subscriptions}
         self.max_records = max_records
         self.consumer = AIOKafkaConsumer(
@@ -76,6 +80,8 @@ class ConsumerLoop:
                 if not batch:
                     continue
                 try:
+                    if self.before_batch:
+                        await self.before_batch()
                     await self.apply(batch)
                 except TRANSIENT as exc:
                     log.warning("batch failed, will retry from the same offsets", error=repr(exc))

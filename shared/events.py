@@ -18,6 +18,7 @@ from shared import topics
 
 Identifier = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Fen = Annotated[StrictInt, Field(ge=0)]
+PositiveFen = Annotated[StrictInt, Field(ge=1)]
 CardToken = Annotated[StrictStr, Field(pattern=r"^tok_[A-Za-z0-9_-]{1,60}$")]
 Reason = Annotated[StrictStr, Field(max_length=200)]
 PaymentMethod = Literal["balance", "bank_card", "huabei"]
@@ -120,7 +121,7 @@ class FundsReleased(Strict):
 
 class RefundCompleted(Strict):
     order_id: Identifier
-    refund_id: Identifier
+    refund_id: Identifier | None  # null for the refund a cancel triggers, as in RefundRejected
     amount: Fen
     payment_method: PaymentMethod
 
@@ -142,11 +143,109 @@ class UserRegistered(Strict):
     registered_at: AwareDatetime
 
 
+# escrow.commands (gateway -> escrow), keyed by order_id, so escrow sees one order's commands
+# in the order the gateway sent them.
+class HoldFunds(Strict):
+    """The payment is funded: hold it. Re-sent on timeout; escrow answers a repeat again."""
+    order_id: Identifier
+    payment_id: StrictStr
+    buyer_id: Identifier
+    seller_id: Identifier
+    amount: PositiveFen
+    payment_method: PaymentMethod
+    installments: StrictInt
+    auto_confirm_days: StrictInt
+
+
+class ShipOrder(Strict):
+    order_id: Identifier
+
+
+class ConfirmOrder(Strict):
+    order_id: Identifier
+
+
+class CancelOrder(Strict):
+    """Forwarded as soon as the gateway sees OrderCancelled, even before the hold exists."""
+    order_id: Identifier
+    reason: StrictStr
+
+
+class RefundOrder(Strict):
+    order_id: Identifier
+    refund_id: Identifier
+    amount: PositiveFen
+    reason: StrictStr
+
+
+class ClawbackSettled(Strict):
+    """The gateway's answer to ClawbackRequested: the seller's wallet paid the refund, or could not."""
+    order_id: Identifier
+    refund_id: Identifier
+    amount: PositiveFen
+    ok: StrictBool
+
+
+# escrow.events (escrow -> gateway), keyed by order_id. The gateway moves the wallet/card money
+# and publishes the public payments.events outcome in the same transaction.
+class FundsHeld(Strict):
+    order_id: Identifier
+    payment_id: StrictStr
+    amount: PositiveFen
+
+
+class HoldRefused(Strict):
+    order_id: Identifier
+    payment_id: StrictStr
+    reason_code: PaymentFailureCode
+    message: StrictStr
+
+
+class EscrowReleased(Strict):
+    order_id: Identifier
+    buyer_id: Identifier
+    seller_id: Identifier
+    payment_method: PaymentMethod
+    gross_amount: Fen
+    fee_amount: Fen
+    net_amount: Fen
+    trigger: Literal["confirmed", "auto_confirm"]
+
+
+class EscrowRefunded(Strict):
+    """Refunded from the hold (before release): pay the buyer back the way the money came."""
+    order_id: Identifier
+    refund_id: Identifier | None  # None: the refund of a cancel
+    buyer_id: Identifier
+    payment_method: PaymentMethod
+    amount: PositiveFen
+
+
+class ClawbackRequested(Strict):
+    """A refund after release: take `amount` from the seller's wallet and pay the buyer back."""
+    order_id: Identifier
+    refund_id: Identifier
+    buyer_id: Identifier
+    seller_id: Identifier
+    payment_method: PaymentMethod
+    amount: PositiveFen
+
+
+class EscrowRefundRejected(Strict):
+    order_id: Identifier
+    refund_id: Identifier | None  # None: a cancel
+    reason_code: RefundRejectionCode
+
+
 # Which event types each consumed topic carries.
 SCHEMAS: dict[str, dict[str, type[Strict]]] = {
     topics.ORDERS: {m.__name__: m for m in (OrderPlaced, OrderShipped, OrderConfirmed, OrderCancelled, RefundRequested)},
     topics.PAYMENTS: {m.__name__: m for m in (PaymentSucceeded, PaymentFailed, FundsReleased, RefundCompleted, RefundRejected)},
     topics.USERS: {m.__name__: m for m in (UserRegistered,)},
+    topics.ESCROW_COMMANDS: {m.__name__: m for m in (HoldFunds, ShipOrder, ConfirmOrder, CancelOrder, RefundOrder,
+                                                     ClawbackSettled)},
+    topics.ESCROW_EVENTS: {m.__name__: m for m in (FundsHeld, HoldRefused, EscrowReleased, EscrowRefunded,
+                                                   ClawbackRequested, EscrowRefundRejected)},
 }
 
 

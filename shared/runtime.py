@@ -7,7 +7,7 @@ import contextlib
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 import structlog
@@ -31,6 +31,7 @@ class Context:
     producer: AIOKafkaProducer
     clock: SystemClock | ControllableClock
     clock_moved: asyncio.Event = field(default_factory=asyncio.Event)
+    deps: Any = None  # the service's own collaborators (ServiceSpec.deps), e.g. the bank channel
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ServiceSpec:
     routers: list[APIRouter]
     subscriptions: Callable[[Context], list[Subscription]] = lambda ctx: []
     loops: list[Callable[[Context], Awaitable[None]]] = field(default_factory=list)  # timers, schedulers
+    deps: Callable[[settings_mod.Settings], Any] = lambda settings: None
 
 
 class _Server(uvicorn.Server):
@@ -62,7 +64,7 @@ async def run(spec: ServiceSpec) -> None:
     await kafka.ensure_topics(settings.kafka_bootstrap_servers, topics.ALL, settings.topic_partitions)
     producer = kafka.make_producer(settings.kafka_bootstrap_servers)
     await producer.start()
-    ctx = Context(settings=settings, pool=pool, producer=producer, clock=clock)
+    ctx = Context(settings=settings, pool=pool, producer=producer, clock=clock, deps=spec.deps(settings))
 
     app = http.create_app(spec.name, spec.routers)
     app.state.ctx = ctx
@@ -73,7 +75,8 @@ async def run(spec: ServiceSpec) -> None:
     subscriptions = spec.subscriptions(ctx)
     if subscriptions:
         loop_ = ConsumerLoop(bootstrap=settings.kafka_bootstrap_servers, group_id=spec.name, pool=pool,
-                             subscriptions=subscriptions)
+                             subscriptions=subscriptions,
+                             before_batch=clock.refresh if clock.controllable else None)
         tasks.append(asyncio.create_task(loop_.run(), name="consumer"))
     tasks += [asyncio.create_task(f(ctx), name=f.__name__) for f in spec.loops]
     tasks.append(asyncio.create_task(server.serve(), name="http"))

@@ -1,11 +1,33 @@
-"""Escrow wiring. So far: its schema (outbox, inbox), relay, health and API shell; holds,
-releases and refunds arrive with the escrow issue."""
+"""Escrow wiring: the escrow commands it consumes, its API and its auto-confirm timer."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from fastapi import APIRouter
+from services.escrow import api, handlers
+from services.escrow.domain import FeeRates
+from shared import topics
+from shared.consumer import Subscription
+from shared.runtime import Context, ServiceSpec
 
-from shared.runtime import ServiceSpec
+# Read once, at start-up: a bad MERCHANT_FEE_*_PCT stops the service here, not at the first release.
+FEE_RATES = FeeRates.from_env()
 
-SPEC = ServiceSpec(name="escrow", migrations=Path(__file__).parent / "migrations", routers=[APIRouter()])
+
+def subscriptions(ctx: Context) -> list[Subscription]:
+    return [Subscription(topics.ESCROW_COMMANDS, {
+        "HoldFunds": partial(handlers.hold_funds, ctx),
+        "ShipOrder": partial(handlers.ship_order, ctx),
+        "ConfirmOrder": partial(handlers.confirm_order, ctx, rates=FEE_RATES),
+        "CancelOrder": partial(handlers.cancel_order, ctx),
+        "RefundOrder": partial(handlers.refund_order, ctx),
+        "ClawbackSettled": partial(handlers.clawback_settled, ctx),
+    })]
+
+
+async def auto_confirm_loop(ctx: Context) -> None:
+    await handlers.auto_confirm_loop(ctx, FEE_RATES)
+
+
+SPEC = ServiceSpec(name="escrow", migrations=Path(__file__).parent / "migrations", routers=[api.router],
+                   subscriptions=subscriptions, loops=[auto_confirm_loop])

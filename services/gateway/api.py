@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from services.gateway import handlers, store
 from services.gateway.domain import Registration
+from shared import idempotency
 from shared.auth import Principal, principal
 from shared.errors import ApiError
-from shared.events import Identifier, rfc3339
+from shared.events import CardToken, Identifier, rfc3339
 from shared.http import ERRORS, ctx_of
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -71,15 +72,98 @@ async def get_user(user_id: str, request: Request, caller: Principal = Depends(p
     return _user_out(row)
 
 
+# ---------------------------------------------------------------- wallets
+IdempotencyKey = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+Amount = Annotated[StrictInt, Field(ge=1, le=100_000_000)]
+
+
+class TopUp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Amount
+    card_token: CardToken
+    idempotency_key: IdempotencyKey
+
+
+class Withdrawal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Amount
+    idempotency_key: IdempotencyKey
+
+
+class TopUpResult(BaseModel):
+    user_id: str
+    amount: int
+    balance: int
+    currency: str
+
+
+class WithdrawalResult(TopUpResult):
+    fee: int
+
+
+class Wallet(BaseModel):
+    user_id: str
+    available: int
+    currency: str
+
+
+async def _existing_user(conn, user_id: str) -> None:
+    if await store.get_user(conn, user_id) is None:
+        raise ApiError(404, "USER_NOT_FOUND", f"no user {user_id}")
+
+
+@router.post("/wallets/{user_id}/top-ups", status_code=201, response_model=TopUpResult, tags=["wallets"],
+             responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"}})
+async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal = Depends(principal)):
+    caller.require_user(user_id)
+    ctx = ctx_of(request)
+
+    async def write(conn):
+        await _existing_user(conn, user_id)
+        return await handlers.top_up(ctx, conn, user_id, body.amount, body.card_token, body.idempotency_key)
+    status, result = await idempotency.run_once(ctx.pool, f"top-up:{user_id}", body.idempotency_key,
+                                                body.model_dump(), write)
+    return JSONResponse(status_code=status, content=result)
+
+
+@router.post("/wallets/{user_id}/withdrawals", status_code=201, response_model=WithdrawalResult, tags=["wallets"],
+             responses={409: {"description": "INSUFFICIENT_BALANCE or IDEMPOTENCY_CONFLICT"}})
+async def withdraw(user_id: str, body: Withdrawal, request: Request, caller: Principal = Depends(principal)):
+    caller.require_user(user_id)
+    ctx = ctx_of(request)
+
+    async def write(conn):
+        await _existing_user(conn, user_id)
+        return await handlers.withdraw(ctx, conn, user_id, body.amount, body.idempotency_key)
+    status, result = await idempotency.run_once(ctx.pool, f"withdrawal:{user_id}", body.idempotency_key,
+                                                body.model_dump(), write)
+    return JSONResponse(status_code=status, content=result)
+
+
+@router.get("/wallets/{user_id}", response_model=Wallet, tags=["wallets"])
+async def get_wallet(user_id: str, request: Request, caller: Principal = Depends(principal)):
+    caller.require_user(user_id)
+    pool = ctx_of(request).pool
+    await _existing_user(pool, user_id)
+    return {"user_id": user_id, "available": await handlers.wallet_available(pool, user_id), "currency": "CNY"}
+
+
+# ---------------------------------------------------------------- payments
 class Payment(BaseModel):
     order_id: str
     status: str
     amount: int
     payment_method: str
+    payment_id: str | None
     buyer_id: str
     seller_id: str
     installments: int
     reason_code: str | None
+    message: str | None
+    refunded: int
+    released_gross: int | None
+    fee_amount: int | None
+    net_amount: int | None
     accepted_at: str
     updated_at: str
 
@@ -91,6 +175,5 @@ async def get_payment(order_id: str, request: Request, caller: Principal = Depen
         raise ApiError(404, "PAYMENT_NOT_FOUND", f"no payment for order {order_id}")
     if not caller.may_act_for(row["buyer_id"], row["seller_id"]):
         raise ApiError(403, "FORBIDDEN", "only the buyer, the seller or the operator may read this payment")
-    return {k: row[k] for k in ("order_id", "status", "amount", "payment_method", "buyer_id", "seller_id",
-                                "installments", "reason_code")} | {
+    return {k: row[k] for k in Payment.model_fields if k not in ("accepted_at", "updated_at")} | {
         "accepted_at": rfc3339(row["accepted_at"]), "updated_at": rfc3339(row["updated_at"])}

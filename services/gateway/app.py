@@ -1,20 +1,45 @@
-"""Gateway wiring: what it consumes, its API, its loops."""
+"""Gateway wiring: what it consumes, its API, its loops, its collaborators."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from services.gateway import api, handlers
+from services.gateway.bank import BankChannel, SimulatedBank
+from services.gateway.domain import Rules
 from shared import topics
 from shared.consumer import Subscription
 from shared.events import SCHEMAS
 from shared.runtime import Context, ServiceSpec
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class Deps:
+    bank: BankChannel
+    rules: Rules
+
+
+def deps(settings: Settings) -> Deps:
+    return Deps(bank=SimulatedBank(), rules=Rules.from_env())
 
 
 def subscriptions(ctx: Context) -> list[Subscription]:
     order_event = partial(handlers.order_event, ctx)
-    return [Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]})]
+    escrow = {
+        "FundsHeld": handlers.funds_held,
+        "HoldRefused": handlers.hold_refused,
+        "EscrowReleased": handlers.escrow_released,
+        "EscrowRefunded": handlers.escrow_refunded,
+        "ClawbackRequested": handlers.clawback_requested,
+        "EscrowRefundRejected": handlers.escrow_refund_rejected,
+    }
+    return [
+        Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]}),
+        Subscription(topics.ESCROW_EVENTS, {t: partial(h, ctx) for t, h in escrow.items()}),
+    ]
 
 
 SPEC = ServiceSpec(name="gateway", migrations=Path(__file__).parent / "migrations", routers=[api.router],
-                   subscriptions=subscriptions)
+                   subscriptions=subscriptions, loops=[handlers.saga_worker], deps=deps)

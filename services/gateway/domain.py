@@ -1,7 +1,13 @@
-"""Gateway rules, pure: no I/O."""
+"""Gateway rules, pure: no I/O. Wallet fees, the payment saga's decisions, payment status,
+and what to do with an upstream order event given where its payment stands."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from decimal import Decimal
 from enum import Enum
+
+from shared.money import apply_rate, percent
 
 
 class PaymentStatus(str, Enum):
@@ -13,6 +19,40 @@ class PaymentStatus(str, Enum):
     PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
 
 
+class SagaState(str, Enum):
+    NEW = "NEW"
+    FUNDING = "FUNDING"      # waiting for the bank channel to charge the card
+    HOLDING = "HOLDING"      # funded; HoldFunds sent, waiting for escrow's answer
+    COMPLETED = "COMPLETED"  # held in escrow: PaymentSucceeded published
+    FAILED = "FAILED"        # compensated: PaymentFailed published
+
+    @property
+    def in_progress(self) -> bool:
+        return self in (SagaState.NEW, SagaState.FUNDING, SagaState.HOLDING)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """CONTRACT.md §5 defaults; each is a setting."""
+    withdrawal_fee_rate: Decimal = percent("0.1")
+    withdrawal_free_quota: int = 2_000_000
+    withdrawal_min_fee: int = 10
+    channel_timeout_seconds: int = 30
+    hold_retry_seconds: int = 30
+
+    @classmethod
+    def from_env(cls) -> "Rules":
+        env = os.environ.get
+        return cls(
+            withdrawal_fee_rate=percent(env("WITHDRAWAL_FEE_PCT", "0.1")),
+            withdrawal_free_quota=int(env("WITHDRAWAL_FREE_QUOTA_FEN", "2000000")),
+            withdrawal_min_fee=int(env("WITHDRAWAL_MIN_FEE_FEN", "10")),
+            channel_timeout_seconds=int(env("BANK_CHANNEL_TIMEOUT_SECONDS", "30")),
+            hold_retry_seconds=int(env("ESCROW_HOLD_RETRY_SECONDS", "30")),
+        )
+
+
+# ---------------------------------------------------------------- users
 class Registration(str, Enum):
     CREATED = "created"      # 201
     REPEATED = "repeated"    # 200: the same body again
@@ -29,5 +69,67 @@ def registration_outcome(existing: dict | None, requested: dict) -> Registration
     return Registration.REPEATED if same else Registration.CONFLICT
 
 
-def duplicate_order_message(order_id: str) -> str:
-    return f"order {order_id} was already placed by another event"
+# ---------------------------------------------------------------- wallets
+def withdrawal_fee(amount: int, lifetime_withdrawn: int, rules: Rules) -> int:
+    """0.1 % of the part above the remaining lifetime free quota, at least 10 fen when any fee applies."""
+    remaining_quota = max(0, rules.withdrawal_free_quota - lifetime_withdrawn)
+    charged_part = max(0, amount - remaining_quota)
+    if charged_part == 0:
+        return 0
+    return max(rules.withdrawal_min_fee, apply_rate(charged_part, rules.withdrawal_fee_rate))
+
+
+# ---------------------------------------------------------------- payment saga
+def validation_failure(*, buyer_known: bool, seller_known: bool, method: str) -> tuple[str, str] | None:
+    """The first rule an order breaks, as (reason_code, message), or None."""
+    if not buyer_known:
+        return "UNKNOWN_BUYER", "the buyer is not a registered user"
+    if not seller_known:
+        return "UNKNOWN_SELLER", "the seller is not a registered user"
+    if method == "huabei":
+        return "HUABEI_NOT_ACTIVE", "the buyer has no active Huabei account"
+    return None
+
+
+def payment_status(*, amount: int, failed: bool, held: bool, released: bool, refunded: int) -> PaymentStatus:
+    if failed:
+        return PaymentStatus.FAILED
+    if not held:
+        return PaymentStatus.PENDING
+    if refunded >= amount:
+        return PaymentStatus.REFUNDED
+    if refunded > 0:
+        return PaymentStatus.PARTIALLY_REFUNDED
+    return PaymentStatus.RELEASED if released else PaymentStatus.HELD
+
+
+class Route(str, Enum):
+    FORWARD = "forward"                  # to escrow now
+    KEEP = "keep"                        # until the payment completes
+    CANCEL_IN_FLIGHT = "cancel_in_flight"  # forward now and stop the saga where it can be stopped
+    REJECT_UNKNOWN_ORDER = "reject_unknown_order"
+    REJECT_NOT_PAID = "reject_not_paid"
+    IGNORE = "ignore"
+
+
+def route_order_event(event_type: str, saga: SagaState | None) -> Route:
+    """Where an upstream event goes, given the saga of its order (None: no such order)."""
+    money_event = event_type in ("OrderCancelled", "RefundRequested")
+    if saga is None:
+        return Route.REJECT_UNKNOWN_ORDER if money_event else Route.IGNORE
+    if saga is SagaState.FAILED:
+        return Route.REJECT_NOT_PAID if money_event else Route.IGNORE
+    if saga is SagaState.COMPLETED:
+        return Route.FORWARD
+    # In progress: a cancel must reach escrow before the hold can (escrow then refuses the
+    # hold); everything else waits for the payment's outcome.
+    return Route.CANCEL_IN_FLIGHT if event_type == "OrderCancelled" else Route.KEEP
+
+
+def outcome_for_kept_event(event_type: str, payment_failed_reason: str | None) -> Route:
+    """A kept event, once the payment has its outcome."""
+    if payment_failed_reason is None:
+        return Route.FORWARD
+    if event_type == "RefundRequested":
+        return Route.REJECT_NOT_PAID
+    return Route.IGNORE

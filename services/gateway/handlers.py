@@ -1,18 +1,51 @@
-"""Gateway effects: one function per command or consumed event. Each runs inside the caller's
-transaction and writes its outgoing events to the outbox on the same connection."""
+"""Gateway effects: one function per command, consumed event or saga step. Each runs inside
+the caller's transaction and writes its outgoing events to the outbox on the same connection,
+so a state change, its ledger transfers and its events commit together.
+
+Ledger accounts (shared/ledger.py): `bank` (money at the bank channel: debit-normal),
+`wallet:<user>` (what users own), `escrow` (what escrow holds for orders, plus the merchant fees
+it kept), `revenue:withdrawal_fee`.
+"""
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
 import asyncpg
+import structlog
 
 from services.gateway import domain, store
-from services.gateway.domain import PaymentStatus, Registration
-from shared import events, outbox, topics
-from shared.events import Envelope, OrderPlaced, PaymentFailed, UserRegistered
+from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
+from services.gateway.bank import ChargeResult
+from shared import events, ledger, outbox, topics
+from shared.events import (CancelOrder, ClawbackRequested, ClawbackSettled, ConfirmOrder, EscrowRefunded,
+                           EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
+                           HoldRefused, OrderCancelled, OrderConfirmed, OrderPlaced, OrderShipped, PaymentFailed,
+                           PaymentSucceeded, RefundCompleted, RefundOrder, RefundRejected, RefundRequested, ShipOrder,
+                           UserRegistered)
+from shared.ledger import InsufficientFunds
 from shared.runtime import Context
 
 SOURCE = "payment-gateway"
+log = structlog.get_logger("gateway")
 
 
+def wallet(user_id: str) -> str:
+    return f"wallet:{user_id}"
+
+
+async def _publish(ctx: Context, conn: asyncpg.Connection, data, *, order_id: str, cause: str | None) -> None:
+    """A public payments.events outcome."""
+    await outbox.add(conn, topics.PAYMENTS, order_id, events.new_event(
+        data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=order_id, causation_id=cause))
+
+
+async def _command_escrow(ctx: Context, conn: asyncpg.Connection, data, *, cause: str | None) -> None:
+    await outbox.add(conn, topics.ESCROW_COMMANDS, data.order_id, events.new_event(
+        data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=data.order_id, causation_id=cause))
+
+
+# ---------------------------------------------------------------- users
 async def register_user(ctx: Context, conn: asyncpg.Connection, user: dict) -> tuple[Registration, dict]:
     now = ctx.clock.now()
     if await store.insert_user(conn, user, now):
@@ -26,21 +59,320 @@ async def register_user(ctx: Context, conn: asyncpg.Connection, user: dict) -> t
     return domain.registration_outcome(existing, user), existing
 
 
-async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, data) -> None:
-    """Every accepted orders.events record is kept; OrderPlaced also opens the payment."""
+# ---------------------------------------------------------------- wallets
+async def wallet_available(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> int:
+    return (await ledger.account(conn, wallet(user_id))).available
+
+
+async def top_up(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, card_token: str,
+                 key: str) -> tuple[int, dict]:
+    request_id = f"topup:{user_id}:{key}"
+    result = await ctx.deps.bank.charge(request_id, card_token, amount)
+    if result is ChargeResult.DECLINED:
+        return 402, {"error": {"code": "CARD_DECLINED", "message": "the bank declined the card"}}
+    if result is ChargeResult.NO_ANSWER:
+        await ctx.deps.bank.void(request_id)
+        return 402, {"error": {"code": "CHANNEL_TIMEOUT", "message": "the bank channel did not answer"}}
+    await ledger.transfer(conn, request_id, "bank", wallet(user_id), amount, code="topup", now=ctx.clock.now())
+    return 201, {"user_id": user_id, "amount": amount, "balance": await wallet_available(conn, user_id),
+                 "currency": "CNY"}
+
+
+async def withdraw(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, key: str) -> tuple[int, dict]:
+    await store.lock_wallet(conn, user_id)
+    fee = domain.withdrawal_fee(amount, await store.lifetime_withdrawn(conn, user_id), ctx.deps.rules)
+    available = await wallet_available(conn, user_id)
+    if amount + fee > available:
+        return 409, {"error": {"code": "INSUFFICIENT_BALANCE",
+                               "message": f"withdrawing {amount} fen plus a fee of {fee} fen needs more than "
+                                          f"the available {available} fen"}}
     now = ctx.clock.now()
-    await store.record_order_event(conn, env.event_id, data.order_id, env.type, data.model_dump(mode="json"), now)
+    request_id = f"withdrawal:{user_id}:{key}"
+    await ledger.transfer(conn, request_id, wallet(user_id), "bank", amount, code="withdrawal", now=now)
+    if fee:
+        await ledger.transfer(conn, f"{request_id}:fee", wallet(user_id), "revenue:withdrawal_fee", fee,
+                              code="withdrawal_fee", now=now)
+    await store.insert_withdrawal(conn, user_id, key, amount, fee, now)
+    await ctx.deps.bank.payout(request_id, user_id, amount)
+    return 201, {"user_id": user_id, "amount": amount, "fee": fee, "balance": await wallet_available(conn, user_id),
+                 "currency": "CNY"}
+
+
+# ---------------------------------------------------------------- upstream order events
+async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, data) -> None:
+    """Every accepted orders.events record is kept; where it goes depends on its payment."""
+    now = ctx.clock.now()
+    payload = data.model_dump(mode="json")
     if isinstance(data, OrderPlaced):
+        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "applied")
         await order_placed(ctx, conn, env, data)
+        return
+    if isinstance(data, RefundRequested) and not await store.first_refund_request(conn, data.order_id, data.refund_id):
+        # CONTRACT.md §3: the same refund_id twice has effect once (and one outcome).
+        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "duplicate")
+        return
+    payment = await store.lock_payment(conn, data.order_id)
+    route = domain.route_order_event(env.type, SagaState(payment["saga_state"]) if payment else None)
+    state = {Route.FORWARD: "forwarded", Route.KEEP: "pending", Route.CANCEL_IN_FLIGHT: "cancel_in_flight",
+             Route.REJECT_UNKNOWN_ORDER: "rejected", Route.REJECT_NOT_PAID: "rejected", Route.IGNORE: "ignored"}[route]
+    await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, state)
+    if route in (Route.FORWARD, Route.CANCEL_IN_FLIGHT):
+        await _forward(ctx, conn, env.type, payload, cause=env.event_id)
+    if route is Route.CANCEL_IN_FLIGHT:
+        await store.update_payment(conn, data.order_id, now, cancel_requested=True)
+    if route in (Route.REJECT_UNKNOWN_ORDER, Route.REJECT_NOT_PAID):
+        code = "UNKNOWN_ORDER" if route is Route.REJECT_UNKNOWN_ORDER else "NOT_PAID"
+        await _publish(ctx, conn, RefundRejected(order_id=data.order_id, refund_id=payload.get("refund_id"),
+                                                 reason_code=code), order_id=data.order_id, cause=env.event_id)
 
 
+async def _forward(ctx: Context, conn: asyncpg.Connection, event_type: str, data: dict, *, cause: str) -> None:
+    order_id = data["order_id"]
+    command = {
+        "OrderShipped": lambda: ShipOrder(order_id=order_id),
+        "OrderConfirmed": lambda: ConfirmOrder(order_id=order_id),
+        "OrderCancelled": lambda: CancelOrder(order_id=order_id, reason=data["reason"]),
+        "RefundRequested": lambda: RefundOrder(order_id=order_id, refund_id=data["refund_id"], amount=data["amount"],
+                                               reason=data["reason"]),
+    }[event_type]()
+    await _command_escrow(ctx, conn, command, cause=cause)
+
+
+# ---------------------------------------------------------------- the payment saga
 async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, order: OrderPlaced) -> None:
     now = ctx.clock.now()
-    if await store.insert_payment(conn, env.event_id, order, PaymentStatus.PENDING.value, now):
+    if not await store.insert_payment(conn, env.event_id, order, f"pay_{order.order_id}", now):
+        # CONTRACT.md §3: the same order_id from a different event is refused and changes nothing.
+        await _publish(ctx, conn, PaymentFailed(order_id=order.order_id, reason_code="DUPLICATE_ORDER",
+                                                message=f"order {order.order_id} was already placed by another event"),
+                       order_id=order.order_id, cause=env.event_id)
         return
-    # CONTRACT.md §3: the same order_id from a different event is refused and changes nothing.
-    failed = PaymentFailed(order_id=order.order_id, reason_code="DUPLICATE_ORDER",
-                           message=domain.duplicate_order_message(order.order_id))
-    await outbox.add(conn, topics.PAYMENTS, order.order_id,
-                     events.new_event(failed, source=SOURCE, occurred_at=now, correlation_id=order.order_id,
-                                      causation_id=env.event_id))
+    payment = await store.lock_payment(conn, order.order_id)
+    known = await store.known_users(conn, order.buyer_id, order.seller_id)
+    failure = domain.validation_failure(buyer_known=order.buyer_id in known, seller_known=order.seller_id in known,
+                                        method=order.payment_method)
+    if failure:
+        await _fail(ctx, conn, payment, *failure, cause=env.event_id)
+    elif order.payment_method == "balance":
+        try:
+            # Two-phase: reserved now, posted when escrow holds it, voided if the saga compensates.
+            await ledger.transfer(conn, f"payment:{order.order_id}", wallet(order.buyer_id), "escrow", order.amount,
+                                  code="payment", order_id=order.order_id, now=now, pending=True)
+        except InsufficientFunds:
+            available = await wallet_available(conn, order.buyer_id)
+            await _fail(ctx, conn, payment, "INSUFFICIENT_BALANCE",
+                        f"the wallet has {available} fen available, the order needs {order.amount} fen",
+                        cause=env.event_id)
+            return
+        await _start_holding(ctx, conn, payment, cause=env.event_id)
+    else:  # bank_card: the saga worker charges the card, outside this consumer's batch
+        await store.update_payment(conn, order.order_id, now, saga_state=SagaState.FUNDING.value, next_action_at=now,
+                                   deadline_at=now + timedelta(seconds=ctx.deps.rules.channel_timeout_seconds))
+
+
+async def _start_holding(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
+    now = ctx.clock.now()
+    await _command_escrow(ctx, conn, _hold_command(payment), cause=cause)
+    await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.HOLDING.value,
+                               next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds),
+                               attempts=payment["attempts"] + 1)
+
+
+def _hold_command(p: dict) -> HoldFunds:
+    return HoldFunds(order_id=p["order_id"], payment_id=p["payment_id"], buyer_id=p["buyer_id"],
+                     seller_id=p["seller_id"], amount=p["amount"], payment_method=p["payment_method"],
+                     installments=p["installments"], auto_confirm_days=p["auto_confirm_days"])
+
+
+async def _fail(ctx: Context, conn: asyncpg.Connection, payment: dict, reason_code: str, message: str, *,
+                cause: str | None) -> None:
+    """End the saga in FAILED (compensation already done) and give kept events their outcome."""
+    order_id = payment["order_id"]
+    now = ctx.clock.now()
+    await store.update_payment(conn, order_id, now, status=PaymentStatus.FAILED.value, saga_state=SagaState.FAILED.value,
+                               reason_code=reason_code, message=message, next_action_at=None)
+    await _publish(ctx, conn, PaymentFailed(order_id=order_id, reason_code=reason_code, message=message),
+                   order_id=order_id, cause=cause)
+    # A cancel that stopped the payment has PaymentFailed ORDER_CANCELLED as its outcome; any
+    # other cancel or refund of an unpaid order is rejected as NOT_PAID.
+    in_flight_cancels = await store.take_events(conn, order_id, "cancel_in_flight", "rejected")
+    if reason_code != "ORDER_CANCELLED":
+        for _ in in_flight_cancels:
+            await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=None, reason_code="NOT_PAID"),
+                           order_id=order_id, cause=cause)
+    for kept in await store.take_events(conn, order_id, "pending", "rejected"):
+        if domain.outcome_for_kept_event(kept["type"], reason_code) is Route.REJECT_NOT_PAID:
+            await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=kept["data"].get("refund_id"),
+                                                     reason_code="NOT_PAID"), order_id=order_id, cause=kept["event_id"])
+
+
+async def saga_step(ctx: Context, conn: asyncpg.Connection, payment: dict) -> None:
+    """The saga worker's look at one due payment: charge the card, time out, or re-send the hold."""
+    now = ctx.clock.now()
+    order_id = payment["order_id"]
+    state = SagaState(payment["saga_state"])
+    if state is SagaState.HOLDING:
+        # No answer from escrow yet: HoldFunds is idempotent, send it again.
+        log.warning("escrow has not answered the hold; re-sending", order_id=order_id, attempts=payment["attempts"])
+        await _start_holding(ctx, conn, payment, cause=None)
+        return
+    bank = ctx.deps.bank
+    charge_id = f"charge:{order_id}"
+    if payment["cancel_requested"]:
+        await bank.void(charge_id)
+        await _fail(ctx, conn, payment, "ORDER_CANCELLED", "the order was cancelled before it was paid", cause=None)
+        return
+    result = await bank.charge(charge_id, payment["card_token"], payment["amount"])
+    if result is ChargeResult.APPROVED:
+        await ledger.transfer(conn, charge_id, "bank", "escrow", payment["amount"], code="card_payment",
+                              order_id=order_id, now=now)
+        await _start_holding(ctx, conn, payment, cause=None)
+    elif result is ChargeResult.DECLINED:
+        await _fail(ctx, conn, payment, "CARD_DECLINED", "the bank declined the card", cause=None)
+    elif now >= payment["deadline_at"]:
+        await bank.void(charge_id)  # whatever the channel may still do, nothing is charged
+        await _fail(ctx, conn, payment, "CHANNEL_TIMEOUT",
+                    f"the bank channel did not answer within {ctx.deps.rules.channel_timeout_seconds} s", cause=None)
+    else:
+        await store.update_payment(conn, order_id, now, attempts=payment["attempts"] + 1,
+                                   next_action_at=min(now + timedelta(seconds=1), payment["deadline_at"]))
+
+
+async def _compensate_funding(ctx: Context, conn: asyncpg.Connection, payment: dict) -> None:
+    order_id, now = payment["order_id"], ctx.clock.now()
+    if payment["payment_method"] == "balance":
+        await ledger.void_pending(conn, f"payment-void:{order_id}", f"payment:{order_id}", now)
+    else:
+        refund_id = f"charge-refund:{order_id}"
+        await ctx.deps.bank.refund(refund_id, f"charge:{order_id}", payment["amount"])
+        await ledger.transfer(conn, refund_id, "escrow", "bank", payment["amount"], code="card_refund",
+                              order_id=order_id, now=now)
+
+
+# ---------------------------------------------------------------- escrow's answers
+async def funds_held(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: FundsHeld) -> None:
+    payment = await store.lock_payment(conn, e.order_id)
+    if payment is None or payment["saga_state"] != SagaState.HOLDING.value:
+        return  # the answer to a re-sent hold: already applied
+    now = ctx.clock.now()
+    if payment["payment_method"] == "balance":
+        await ledger.post_pending(conn, f"payment-post:{e.order_id}", f"payment:{e.order_id}", now)
+    await store.update_payment(conn, e.order_id, now, status=PaymentStatus.HELD.value,
+                               saga_state=SagaState.COMPLETED.value, next_action_at=None)
+    await _publish(ctx, conn, PaymentSucceeded(
+        order_id=e.order_id, payment_id=payment["payment_id"], buyer_id=payment["buyer_id"],
+        seller_id=payment["seller_id"], amount=payment["amount"], payment_method=payment["payment_method"],
+        installments=payment["installments"]), order_id=e.order_id, cause=env.event_id)
+    for kept in await store.take_events(conn, e.order_id, "pending", "forwarded"):
+        await _forward(ctx, conn, kept["type"], kept["data"], cause=kept["event_id"])
+
+
+async def hold_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: HoldRefused) -> None:
+    payment = await store.lock_payment(conn, e.order_id)
+    if payment is None or payment["saga_state"] != SagaState.HOLDING.value:
+        return
+    await _compensate_funding(ctx, conn, payment)
+    await _fail(ctx, conn, payment, e.reason_code, e.message, cause=env.event_id)
+
+
+async def _set_status(ctx: Context, conn: asyncpg.Connection, order_id: str, **changes) -> dict:
+    await store.update_payment(conn, order_id, ctx.clock.now(), **changes)
+    p = await store.get_payment(conn, order_id)
+    status = domain.payment_status(amount=p["amount"], failed=False, held=True,
+                                   released=p["released_gross"] is not None, refunded=p["refunded"])
+    await store.update_payment(conn, order_id, ctx.clock.now(), status=status.value)
+    return p
+
+
+async def escrow_released(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowReleased) -> None:
+    await store.lock_payment(conn, e.order_id)
+    if e.net_amount:
+        await ledger.transfer(conn, f"release:{e.order_id}", "escrow", wallet(e.seller_id), e.net_amount,
+                              code="release", order_id=e.order_id, now=ctx.clock.now())
+    await _set_status(ctx, conn, e.order_id, released_gross=e.gross_amount, fee_amount=e.fee_amount,
+                      net_amount=e.net_amount)
+    await _publish(ctx, conn, FundsReleased(
+        order_id=e.order_id, seller_id=e.seller_id, gross_amount=e.gross_amount, fee_amount=e.fee_amount,
+        net_amount=e.net_amount, trigger=e.trigger), order_id=e.order_id, cause=env.event_id)
+
+
+async def escrow_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowRefunded) -> None:
+    """Refunded from the hold: back the way the money came."""
+    payment = await store.lock_payment(conn, e.order_id)
+    # A cancel's refund has no refund_id; its own id space keeps it apart from a refund named "cancel".
+    transfer_id = f"refund:{e.order_id}:{e.refund_id}" if e.refund_id else f"cancel-refund:{e.order_id}"
+    if e.payment_method == "bank_card":
+        await ctx.deps.bank.refund(transfer_id, f"charge:{e.order_id}", e.amount)
+        credit = "bank"
+    else:
+        credit = wallet(e.buyer_id)
+    await ledger.transfer(conn, transfer_id, "escrow", credit, e.amount, code="refund", order_id=e.order_id,
+                          now=ctx.clock.now())
+    await _set_status(ctx, conn, e.order_id, refunded=payment["refunded"] + e.amount)
+    await _publish(ctx, conn, RefundCompleted(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
+                                              payment_method=e.payment_method), order_id=e.order_id, cause=env.event_id)
+
+
+async def clawback_requested(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: ClawbackRequested) -> None:
+    """A refund after release: from the seller's wallet back the way the money came, or rejected."""
+    payment = await store.lock_payment(conn, e.order_id)
+    transfer_id = f"clawback:{e.order_id}:{e.refund_id}"
+    credit = "bank" if e.payment_method == "bank_card" else wallet(e.buyer_id)
+    try:
+        await ledger.transfer(conn, transfer_id, wallet(e.seller_id), credit, e.amount, code="clawback",
+                              order_id=e.order_id, now=ctx.clock.now())
+        ok = True
+    except InsufficientFunds:
+        ok = False
+    if ok:
+        if e.payment_method == "bank_card":
+            await ctx.deps.bank.refund(transfer_id, f"charge:{e.order_id}", e.amount)
+        await _set_status(ctx, conn, e.order_id, refunded=payment["refunded"] + e.amount)
+        outcome = RefundCompleted(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
+                                  payment_method=e.payment_method)
+    else:
+        outcome = RefundRejected(order_id=e.order_id, refund_id=e.refund_id, reason_code="SELLER_INSUFFICIENT_FUNDS")
+    await _publish(ctx, conn, outcome, order_id=e.order_id, cause=env.event_id)
+    await _command_escrow(ctx, conn, ClawbackSettled(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
+                                                     ok=ok), cause=env.event_id)
+
+
+async def escrow_refund_rejected(ctx: Context, conn: asyncpg.Connection, env: Envelope,
+                                 e: EscrowRefundRejected) -> None:
+    await _publish(ctx, conn, RefundRejected(order_id=e.order_id, refund_id=e.refund_id, reason_code=e.reason_code),
+                   order_id=e.order_id, cause=env.event_id)
+
+
+# ---------------------------------------------------------------- the saga worker
+async def saga_worker(ctx: Context, batch: int = 100) -> None:
+    """Drives sagas whose next step is due (card charges, channel deadlines, hold retries). The
+    due time is a column, so timers survive restarts; SKIP LOCKED lets several gateways share."""
+    while True:
+        try:
+            handled = await run_due_sagas(ctx, batch)
+        except Exception:
+            log.exception("saga worker tick failed")
+            handled = 0
+        if handled < batch:
+            try:
+                await asyncio.wait_for(ctx.clock_moved.wait(), timeout=0.2)
+            except asyncio.TimeoutError:
+                pass
+            ctx.clock_moved.clear()
+
+
+async def run_due_sagas(ctx: Context, batch: int) -> int:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        due = await store.due_sagas(conn, ctx.clock.now(), batch)
+        for payment in due:
+            with structlog.contextvars.bound_contextvars(correlation_id=payment["order_id"]):
+                try:
+                    async with conn.transaction():  # savepoint: one bad saga does not block the others
+                        await saga_step(ctx, conn, payment)
+                except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                    raise
+                except Exception:
+                    log.exception("saga step failed; retrying later")
+                    await store.update_payment(conn, payment["order_id"], ctx.clock.now(),
+                                               next_action_at=ctx.clock.now() + timedelta(seconds=5))
+    return len(due)

@@ -8,6 +8,7 @@ import asyncpg
 from shared.events import OrderPlaced
 
 
+# ---------------------------------------------------------------- users
 async def insert_user(conn: asyncpg.Connection, user: dict, registered_at: datetime) -> bool:
     """False when the user_id is taken (the caller compares bodies)."""
     return bool(await conn.fetchval(
@@ -22,16 +23,23 @@ async def get_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dic
     return dict(row) if row else None
 
 
-async def insert_payment(conn: asyncpg.Connection, event_id: str, order: OrderPlaced, status: str,
+async def known_users(conn: asyncpg.Connection, *user_ids: str) -> set[str]:
+    rows = await conn.fetch("SELECT user_id FROM users WHERE user_id = ANY($1::text[])", list(user_ids))
+    return {r["user_id"] for r in rows}
+
+
+# ---------------------------------------------------------------- payments
+async def insert_payment(conn: asyncpg.Connection, event_id: str, order: OrderPlaced, payment_id: str,
                          now: datetime) -> bool:
     """False when a payment for this order_id already exists."""
     return bool(await conn.fetchval(
-        """INSERT INTO payments (order_id, placed_event_id, buyer_id, seller_id, amount, currency, payment_method,
-                                 card_token, installments, auto_confirm_days, status, accepted_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)
+        """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency,
+                                 payment_method, card_token, installments, auto_confirm_days, status, saga_state,
+                                 accepted_at, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'PENDING', 'NEW', $12, $12)
            ON CONFLICT (order_id) DO NOTHING RETURNING true""",
-        order.order_id, event_id, order.buyer_id, order.seller_id, order.amount, order.currency,
-        order.payment_method, order.card_token, order.installments, order.auto_confirm_days, status, now))
+        order.order_id, event_id, payment_id, order.buyer_id, order.seller_id, order.amount, order.currency,
+        order.payment_method, order.card_token, order.installments, order.auto_confirm_days, now))
 
 
 async def get_payment(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> dict | None:
@@ -39,8 +47,60 @@ async def get_payment(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) ->
     return dict(row) if row else None
 
 
+async def lock_payment(conn: asyncpg.Connection, order_id: str) -> dict | None:
+    """The payment row, locked for this transaction: one order's changes are serialised."""
+    row = await conn.fetchrow("SELECT * FROM payments WHERE order_id = $1 FOR UPDATE", order_id)
+    return dict(row) if row else None
+
+
+async def update_payment(conn: asyncpg.Connection, order_id: str, now: datetime, **changes) -> None:
+    columns = list(changes)
+    assignments = ", ".join(f"{c} = ${i + 3}" for i, c in enumerate(columns))
+    await conn.execute(f"UPDATE payments SET updated_at = $2, {assignments} WHERE order_id = $1",
+                       order_id, now, *[changes[c] for c in columns])
+
+
+async def due_sagas(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:
+    rows = await conn.fetch(
+        """SELECT * FROM payments WHERE saga_state IN ('FUNDING', 'HOLDING') AND next_action_at <= $1
+           ORDER BY next_action_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
+    return [dict(r) for r in rows]
+
+
+# ---------------------------------------------------------------- upstream order events
 async def record_order_event(conn: asyncpg.Connection, event_id: str, order_id: str, type_: str, data: dict,
-                             now: datetime) -> None:
+                             now: datetime, state: str) -> None:
     await conn.execute(
-        """INSERT INTO order_events (event_id, order_id, type, data, received_at) VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT DO NOTHING""", event_id, order_id, type_, data, now)
+        """INSERT INTO order_events (event_id, order_id, type, data, received_at, state) VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT DO NOTHING""", event_id, order_id, type_, data, now, state)
+
+
+async def take_events(conn: asyncpg.Connection, order_id: str, state: str, new_state: str) -> list[dict]:
+    """Events of an order in `state`, oldest first, moved to `new_state`."""
+    rows = await conn.fetch(
+        """UPDATE order_events SET state = $3 WHERE order_id = $1 AND state = $2
+           RETURNING event_id, type, data, seq""", order_id, state, new_state)
+    return sorted((dict(r) for r in rows), key=lambda r: r["seq"])
+
+
+async def first_refund_request(conn: asyncpg.Connection, order_id: str, refund_id: str) -> bool:
+    return bool(await conn.fetchval(
+        "INSERT INTO refund_requests (order_id, refund_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+        order_id, refund_id))
+
+
+# ---------------------------------------------------------------- withdrawals
+async def lifetime_withdrawn(conn: asyncpg.Connection, user_id: str) -> int:
+    return await conn.fetchval("SELECT coalesce(sum(amount), 0)::bigint FROM withdrawals WHERE user_id = $1", user_id)
+
+
+async def insert_withdrawal(conn: asyncpg.Connection, user_id: str, key: str, amount: int, fee: int,
+                            now: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO withdrawals (user_id, idempotency_key, amount, fee, created_at) VALUES ($1, $2, $3, $4, $5)",
+        user_id, key, amount, fee, now)
+
+
+async def lock_wallet(conn: asyncpg.Connection, user_id: str) -> None:
+    """Serialise one wallet's withdrawals (the fee depends on what was withdrawn before)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('wallet:' || $1))", user_id)

@@ -212,3 +212,65 @@ def payments_of(records: list, order_id: str) -> list[dict]:
         if value["data"].get("order_id") == order_id:
             out.append(value)
     return out
+
+
+class Outcomes:
+    """Collects payments.events from the session's start, by order_id, in arrival order."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.by_order: dict[str, list[dict]] = {}
+        self._seen: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self, since: dict[TopicPartition, int]) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        consumer.assign(list(since))
+        for tp, offset in since.items():
+            consumer.seek(tp, offset)
+        self._task = asyncio.create_task(self._collect(consumer))
+
+    async def _collect(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            while True:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for r in records:
+                        event = json.loads(r.value)
+                        if event["event_id"] in self._seen:
+                            continue
+                        self._seen.add(event["event_id"])
+                        self.by_order.setdefault(event["data"]["order_id"], []).append(event)
+                        self._changed.set()
+        finally:
+            await consumer.stop()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait(self, order_id: str, count: int, timeout: float = 30, settle: float = 1.0) -> list[dict]:
+        """The order's events once there are `count` of them, after `settle` seconds more (to
+        catch an unexpected extra one)."""
+        deadline = time.monotonic() + timeout
+        while len(self.by_order.get(order_id, [])) < count and time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=0.2)
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.sleep(settle)
+        return list(self.by_order.get(order_id, []))
+
+    async def types(self, order_id: str, count: int, **kw) -> list[str]:
+        return [e["type"] for e in await self.wait(order_id, count, **kw)]
+
+
+@pytest.fixture(scope="session")
+async def outcomes(kafka, services) -> Outcomes:
+    collector = Outcomes(kafka.bootstrap)
+    await collector.start(await kafka.end_offsets("payments.events"))
+    yield collector
+    await collector.stop()

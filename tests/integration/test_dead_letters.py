@@ -53,7 +53,9 @@ async def test_bad_records_are_dead_lettered_and_good_ones_still_processed(servi
         response = await api("gateway").get(f"/v1/payments/{good_order}")
         return response.status_code == 200 and response.json()
     payment = await eventually(good_processed)
-    assert payment["amount"] == 12_345 and payment["status"] == "PENDING"
+    # Processed: its buyer was never registered, so the payment saga refused it.
+    assert payment["amount"] == 12_345
+    assert (payment["status"], payment["reason_code"]) == ("FAILED", "UNKNOWN_BUYER")
     assert (await api("gateway").get(f"/v1/payments/{bad_order}")).status_code == 404
 
 
@@ -67,17 +69,20 @@ async def test_duplicate_delivery_has_effect_once(services, kafka, db):
     await kafka.send("orders.events", second, key=order_id)
 
     records = await kafka.read("payments.events", payments_start,
-                               until=lambda rs: len(payments_of(rs, order_id)) >= 1, timeout=30)
-    # Give a wrongly applied redelivery time to show up as a second DUPLICATE_ORDER.
+                               until=lambda rs: len(payments_of(rs, order_id)) >= 2, timeout=30)
+    # Give a wrongly applied redelivery time to show up as a third outcome.
     records += await kafka.read("payments.events", {tp: payments_start[tp] for tp in payments_start},
                                 until=lambda rs: False, timeout=3)
     outcomes = {e["event_id"]: e for e in payments_of(records, order_id)}
-    assert len(outcomes) == 1
-    (failed,) = outcomes.values()
-    assert failed["type"] == "PaymentFailed"
-    assert failed["data"]["reason_code"] == "DUPLICATE_ORDER"
-    assert failed["correlation_id"] == order_id
-    assert failed["causation_id"] == second["event_id"]
+    assert len(outcomes) == 2
+    by_cause = {e["causation_id"]: e for e in outcomes.values()}
+    # The first delivery opened the payment (refused: buyer-1 is not a registered user) ...
+    assert by_cause[first["event_id"]]["data"]["reason_code"] == "UNKNOWN_BUYER"
+    # ... its redelivery did nothing, and the other event for the same order is a duplicate order.
+    duplicate = by_cause[second["event_id"]]
+    assert duplicate["type"] == "PaymentFailed"
+    assert duplicate["data"]["reason_code"] == "DUPLICATE_ORDER"
+    assert duplicate["correlation_id"] == order_id
 
     row = await db.fetchrow("SELECT amount, placed_event_id FROM gateway.payments WHERE order_id = $1", order_id)
     assert row["amount"] == 12_345 and row["placed_event_id"] == first["event_id"]

@@ -1,10 +1,70 @@
-from services.gateway.domain import Registration, registration_outcome
+import pytest
+
+from services.gateway.domain import (PaymentStatus, Registration, Route, Rules, SagaState, outcome_for_kept_event,
+                                     payment_status, registration_outcome, route_order_event, validation_failure,
+                                     withdrawal_fee)
 
 USER = {"user_id": "u-1", "full_name": "A", "birth_date": None, "phone": "1", "id_number": None,
         "real_name_verified": True}
+RULES = Rules()
 
 
 def test_registration_outcomes():
     assert registration_outcome(None, USER) is Registration.CREATED
     assert registration_outcome({**USER, "registered_at": "whenever"}, USER) is Registration.REPEATED
     assert registration_outcome({**USER, "phone": "2"}, USER) is Registration.CONFLICT
+
+
+@pytest.mark.parametrize("amount, withdrawn_before, fee", [
+    (100_000, 0, 0),                   # inside the free quota
+    (2_000_000, 0, 0),                 # exactly the quota
+    (2_000_001, 0, 10),                # 1 fen over: 0.001 fen -> minimum 10
+    (2_010_000, 0, 10),                # 10 000 over: exactly 10
+    (2_015_000, 0, 15),                # 15 000 over: 15
+    (2_015_500, 0, 16),                # 15 500 over: 15.5 -> 16 (half up)
+    (100_000, 1_950_000, 50),          # 50 000 over the remaining 50 000: 50
+    (100_000, 2_000_000, 100),         # quota used up
+    (5_000, 3_000_000, 10),            # 5 fen -> minimum 10
+])
+def test_withdrawal_fee(amount, withdrawn_before, fee):
+    assert withdrawal_fee(amount, withdrawn_before, RULES) == fee
+
+
+def test_validation_failure_order():
+    assert validation_failure(buyer_known=False, seller_known=False, method="balance")[0] == "UNKNOWN_BUYER"
+    assert validation_failure(buyer_known=True, seller_known=False, method="balance")[0] == "UNKNOWN_SELLER"
+    assert validation_failure(buyer_known=True, seller_known=True, method="balance") is None
+    assert validation_failure(buyer_known=True, seller_known=True, method="bank_card") is None
+
+
+@pytest.mark.parametrize("kwargs, status", [
+    (dict(failed=True, held=False, released=False, refunded=0), PaymentStatus.FAILED),
+    (dict(failed=False, held=False, released=False, refunded=0), PaymentStatus.PENDING),
+    (dict(failed=False, held=True, released=False, refunded=0), PaymentStatus.HELD),
+    (dict(failed=False, held=True, released=False, refunded=300), PaymentStatus.PARTIALLY_REFUNDED),
+    (dict(failed=False, held=True, released=False, refunded=1000), PaymentStatus.REFUNDED),
+    (dict(failed=False, held=True, released=True, refunded=0), PaymentStatus.RELEASED),
+    (dict(failed=False, held=True, released=True, refunded=200), PaymentStatus.PARTIALLY_REFUNDED),
+])
+def test_payment_status(kwargs, status):
+    assert payment_status(amount=1000, **kwargs) is status
+
+
+def test_routing_of_upstream_events():
+    assert route_order_event("RefundRequested", None) is Route.REJECT_UNKNOWN_ORDER
+    assert route_order_event("OrderCancelled", None) is Route.REJECT_UNKNOWN_ORDER
+    assert route_order_event("OrderConfirmed", None) is Route.IGNORE
+    assert route_order_event("RefundRequested", SagaState.FAILED) is Route.REJECT_NOT_PAID
+    assert route_order_event("OrderShipped", SagaState.FAILED) is Route.IGNORE
+    for event in ("OrderShipped", "OrderConfirmed", "OrderCancelled", "RefundRequested"):
+        assert route_order_event(event, SagaState.COMPLETED) is Route.FORWARD
+    for saga in (SagaState.NEW, SagaState.FUNDING, SagaState.HOLDING):
+        assert route_order_event("OrderConfirmed", saga) is Route.KEEP
+        assert route_order_event("RefundRequested", saga) is Route.KEEP
+        assert route_order_event("OrderCancelled", saga) is Route.CANCEL_IN_FLIGHT
+
+
+def test_kept_events_after_the_outcome():
+    assert outcome_for_kept_event("OrderConfirmed", None) is Route.FORWARD
+    assert outcome_for_kept_event("RefundRequested", "CARD_DECLINED") is Route.REJECT_NOT_PAID
+    assert outcome_for_kept_event("OrderShipped", "CARD_DECLINED") is Route.IGNORE

@@ -1,0 +1,111 @@
+"""Ops command: prove that no fen was created or lost (`./danbao audit`, or
+`python -m deploy.audit [--wait SECONDS]`).
+
+It reads every service's ledger (an operator's tool may; services never read each other's
+tables) and checks that
+  1. each ledger is consistent: cached account totals equal its transfers, posted debits equal
+     posted credits, no wallet is overdrawn;
+  2. what the gateway handed to escrow equals what escrow received from the gateway;
+  3. conservation: money in from the bank channel minus money out equals the sum of wallet
+     balances, escrow holds and fee revenue.
+Money in flight between services (a message not yet consumed) shows as a difference in 2 and 3;
+--wait retries until the figures settle. Exit status 0 when all holds, 1 with the discrepancy.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from shared import ledger
+
+
+@dataclass
+class Report:
+    figures: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        lines = [f"  {name:<40}{value:>16,} fen".replace(",", " ") for name, value in self.figures.items()]
+        lines += [f"  PROBLEM: {p}" for p in self.problems]
+        lines.append("  audit: OK — every fen is accounted for" if self.ok else "  audit: FAILED")
+        return "\n".join(lines)
+
+
+def _dsn(service: str) -> str:
+    return (os.environ.get(f"{service.upper()}_DATABASE_URL") or os.environ.get("DATABASE_URL")
+            or "postgresql://danbao@127.0.0.1:5432/danbao")
+
+
+async def _sum(conn: asyncpg.Connection, schema: str, where: str, expr: str) -> int:
+    return await conn.fetchval(f"SELECT coalesce(sum({expr}), 0)::bigint FROM {schema}.ledger_accounts WHERE {where}")
+
+
+async def audit(dsns: dict[str, str] | None = None) -> Report:
+    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow")}
+    report = Report()
+    credit_balance = "credits_posted - debits_posted"
+    gw = await asyncpg.connect(dsns["gateway"])
+    es = await asyncpg.connect(dsns["escrow"])
+    try:
+        async with gw.transaction(isolation="repeatable_read", readonly=True), \
+                es.transaction(isolation="repeatable_read", readonly=True):
+            for name, conn in (("gateway", gw), ("escrow", es)):
+                await conn.execute(f"SET LOCAL search_path = {name}")
+                report.problems += [f"{name} ledger: {p}" for p in await ledger.check(conn)]
+            f = report.figures
+            f["bank channel: money in"] = await _sum(gw, "gateway", "id = 'bank'", "debits_posted")
+            f["bank channel: money out"] = await _sum(gw, "gateway", "id = 'bank'", "credits_posted")
+            f["wallet balances"] = await _sum(gw, "gateway", "id LIKE 'wallet:%'", credit_balance)
+            f["escrow holds"] = await _sum(es, "escrow", "id LIKE 'hold:%'", credit_balance)
+            f["merchant fee revenue"] = await _sum(es, "escrow", "id = 'revenue:merchant_fee'", credit_balance)
+            f["withdrawal fee revenue"] = await _sum(gw, "gateway", "id = 'revenue:withdrawal_fee'", credit_balance)
+            f["handed to escrow (gateway ledger)"] = await _sum(gw, "gateway", "id = 'escrow'", credit_balance)
+            f["received from gateway (escrow ledger)"] = await _sum(es, "escrow", "id = 'gateway'",
+                                                                "debits_posted - credits_posted")
+            f["payments in flight (reserved)"] = await _sum(gw, "gateway", "id LIKE 'wallet:%'", "debits_pending")
+    finally:
+        await gw.close()
+        await es.close()
+    f = report.figures
+    handed, received = f["handed to escrow (gateway ledger)"], f["received from gateway (escrow ledger)"]
+    if handed != received:
+        report.problems.append(f"the gateway handed {handed} fen to escrow, escrow received {received} fen")
+    net_in = f["bank channel: money in"] - f["bank channel: money out"]
+    accounted = f["wallet balances"] + f["escrow holds"] + f["merchant fee revenue"] + f["withdrawal fee revenue"]
+    if net_in != accounted:
+        report.problems.append(f"conservation: bank in - out = {net_in}, but wallets + holds + fees = {accounted} "
+                               f"(difference {net_in - accounted})")
+    return report
+
+
+async def audit_settled(wait_seconds: float, dsns: dict[str, str] | None = None) -> Report:
+    """Audit, retrying while money may still be in flight between services."""
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    while True:
+        report = await audit(dsns)
+        if report.ok or asyncio.get_running_loop().time() >= deadline:
+            return report
+        await asyncio.sleep(0.5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--wait", type=float, default=10.0, help="seconds to let in-flight money settle (default 10)")
+    args = parser.parse_args()
+    report = asyncio.run(audit_settled(args.wait))
+    print("Danbao audit")
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

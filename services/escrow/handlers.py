@@ -1,0 +1,118 @@
+"""Escrow effects: one function per escrow command, inside the consumer's transaction, and the
+auto-confirm timer. Each locks the order's row, asks the domain for a decision and applies it:
+state, ledger, refund record and outgoing events (outbox) in the same transaction."""
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import structlog
+
+from services.escrow import domain, store
+from services.escrow.domain import Decision, FeeRates
+from shared import events, ledger, outbox, topics
+from shared.consumer import TRANSIENT
+from shared.events import (CancelOrder, ClawbackSettled, ConfirmOrder, Envelope, HoldFunds, RefundOrder,
+                           ShipOrder)
+from shared.runtime import Context
+
+SOURCE = "escrow"
+AUTO_CONFIRM_BATCH = 100
+
+log = structlog.get_logger("escrow")
+
+
+async def apply(ctx: Context, conn: asyncpg.Connection, order_id: str, decision: Decision,
+                causation_id: str | None) -> None:
+    if decision.changes_nothing:
+        log.info("escrow command changes nothing", order_id=order_id)
+        return
+    now = ctx.clock.now()
+    if decision.escrow is not None:
+        await store.save(conn, decision.escrow, now)
+    for t in decision.transfers:
+        await ledger.transfer(conn, t.id, debit=t.debit, credit=t.credit, amount=t.amount, code=t.code, now=now,
+                              order_id=order_id)
+    if decision.refund is not None:
+        await store.save_refund(conn, decision.refund, now)
+    for event in decision.emit:
+        await outbox.add(conn, topics.ESCROW_EVENTS, order_id,
+                         events.new_event(event, source=SOURCE, occurred_at=now, correlation_id=order_id,
+                                          causation_id=causation_id))
+    log.info("escrow decision applied", order_id=order_id,
+             status=decision.escrow.status.value if decision.escrow else None,
+             emitted=[type(e).__name__ for e in decision.emit])
+
+
+async def hold_funds(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: HoldFunds) -> None:
+    escrow = await store.lock(conn, cmd.order_id)
+    await apply(ctx, conn, cmd.order_id, domain.on_hold(escrow, cmd), env.event_id)
+
+
+async def ship_order(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: ShipOrder) -> None:
+    escrow = await store.lock(conn, cmd.order_id)
+    await apply(ctx, conn, cmd.order_id, domain.on_ship(escrow, ctx.clock.now()), env.event_id)
+
+
+async def confirm_order(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: ConfirmOrder, *,
+                        rates: FeeRates) -> None:
+    escrow = await store.lock(conn, cmd.order_id)
+    await apply(ctx, conn, cmd.order_id, domain.on_confirm(escrow, ctx.clock.now(), rates), env.event_id)
+
+
+async def cancel_order(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: CancelOrder) -> None:
+    escrow = await store.lock(conn, cmd.order_id)
+    await apply(ctx, conn, cmd.order_id, domain.on_cancel(escrow, cmd.order_id), env.event_id)
+
+
+async def refund_order(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: RefundOrder) -> None:
+    escrow = await store.lock(conn, cmd.order_id)  # also serializes refunds of this order
+    seen = await store.get_refund(conn, cmd.order_id, cmd.refund_id) is not None
+    await apply(ctx, conn, cmd.order_id, domain.on_refund(escrow, cmd, seen), env.event_id)
+
+
+async def clawback_settled(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: ClawbackSettled) -> None:
+    escrow = await store.lock(conn, cmd.order_id)
+    refund = await store.get_refund(conn, cmd.order_id, cmd.refund_id)
+    if refund is not None and refund.amount != cmd.amount:
+        # Our record is the reservation the sum rule counted; settle that, but say so.
+        log.warning("clawback settled with another amount than requested", order_id=cmd.order_id,
+                    refund_id=cmd.refund_id, requested=refund.amount, settled=cmd.amount)
+    await apply(ctx, conn, cmd.order_id, domain.on_clawback_settled(escrow, refund, cmd.ok), env.event_id)
+
+
+# ---------------------------------------------------------------- auto-confirm timer
+async def release_due(ctx: Context, rates: FeeRates, limit: int = AUTO_CONFIRM_BATCH) -> tuple[int, int]:
+    """Release the holds whose auto-confirm time has come, in one transaction. The status
+    changes with the release, so each fires once. Returns (selected, released)."""
+    released = 0
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        now = ctx.clock.now()
+        due = await store.lock_due(conn, now, limit)
+        for escrow in due:
+            try:
+                async with conn.transaction():  # savepoint: one bad row does not stop the others
+                    await apply(ctx, conn, escrow.order_id, domain.on_auto_confirm(escrow, now, rates), None)
+                released += 1
+            except TRANSIENT:
+                raise  # the connection or the transaction is gone: the loop retries the scan
+            except Exception:
+                log.exception("auto-confirm failed; retried next tick", order_id=escrow.order_id)
+    return len(due), released
+
+
+async def auto_confirm_loop(ctx: Context, rates: FeeRates) -> None:
+    """Every second, and as soon as the test clock moves here. The timer is the
+    auto_confirm_at column, so a restart loses nothing."""
+    while True:
+        ctx.clock_moved.clear()  # before the scan: a move during it triggers the next one
+        try:
+            selected, released = await release_due(ctx, rates)
+            if selected == released == AUTO_CONFIRM_BATCH:
+                continue  # more may be due right now
+        except Exception:  # never let the timer die (CancelledError is not an Exception)
+            log.exception("auto-confirm scan failed; retrying")
+        try:
+            await asyncio.wait_for(ctx.clock_moved.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,73 @@
+"""asyncpg queries for the escrow service's schema."""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+import asyncpg
+
+from services.escrow.domain import Escrow, Refund, RefundKind, RefundState, Status
+
+_FIELDS = [f.name for f in dataclasses.fields(Escrow)]
+_COLUMNS = ", ".join(_FIELDS)
+
+
+def _escrow(row: asyncpg.Record | None) -> Escrow | None:
+    if row is None:
+        return None
+    return Escrow(**{**{f: row[f] for f in _FIELDS}, "status": Status(row["status"])})
+
+
+async def lock(conn: asyncpg.Connection, order_id: str) -> Escrow | None:
+    """The order's escrow, locked until the transaction ends. The advisory lock also serializes
+    the first command of an order (no row to lock yet: HoldFunds racing CancelOrder); the row
+    lock serializes with the auto-confirm loop."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('escrow:' || $1::text))", order_id)
+    return _escrow(await conn.fetchrow(f"SELECT {_COLUMNS} FROM escrows WHERE order_id = $1 FOR UPDATE", order_id))
+
+
+async def get(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> Escrow | None:
+    return _escrow(await conn.fetchrow(f"SELECT {_COLUMNS} FROM escrows WHERE order_id = $1", order_id))
+
+
+async def lock_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[Escrow]:
+    """Holds whose auto-confirm time has come, skipping those a handler is working on right now
+    (the next tick sees them again, released or not)."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM escrows
+            WHERE status = 'HELD' AND auto_confirm_at <= $1 AND amount - refunded_from_hold - released_gross > 0
+            ORDER BY auto_confirm_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
+    return [_escrow(r) for r in rows]
+
+
+async def save(conn: asyncpg.Connection, escrow: Escrow, now: datetime) -> None:
+    values = [getattr(escrow, f) for f in _FIELDS]
+    values = [v.value if isinstance(v, Status) else v for v in values]
+    placeholders = ", ".join(f"${i}" for i in range(1, len(_FIELDS) + 1))
+    updates = ", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")
+    n = len(_FIELDS)
+    await conn.execute(
+        f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at) VALUES ({placeholders}, ${n + 1}, ${n + 1})
+            ON CONFLICT (order_id) DO UPDATE SET {updates}, updated_at = EXCLUDED.updated_at""",
+        *values, now)
+
+
+async def get_refund(conn: asyncpg.Connection, order_id: str, refund_id: str) -> Refund | None:
+    row = await conn.fetchrow(
+        "SELECT order_id, refund_id, amount, kind, state, reason_code FROM refunds WHERE order_id = $1 AND refund_id = $2",
+        order_id, refund_id)
+    if row is None:
+        return None
+    return Refund(row["order_id"], row["refund_id"], row["amount"], RefundKind(row["kind"]), RefundState(row["state"]),
+                  row["reason_code"])
+
+
+async def save_refund(conn: asyncpg.Connection, refund: Refund, now: datetime) -> None:
+    """Insert a refund, or settle a pending one (same order and refund_id)."""
+    await conn.execute(
+        """INSERT INTO refunds (order_id, refund_id, amount, kind, state, reason_code, created_at, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+           ON CONFLICT (order_id, refund_id) DO UPDATE SET state = EXCLUDED.state, reason_code = EXCLUDED.reason_code,
+               updated_at = EXCLUDED.updated_at""",
+        refund.order_id, refund.refund_id, refund.amount, refund.kind.value, refund.state.value, refund.reason_code,
+        now)

@@ -1,0 +1,47 @@
+"""The bank channel: the one way money enters or leaves the platform (top-ups, card payments,
+card refunds, withdrawals). Every call carries a request id, so a retried call is recognised.
+
+`SimulatedBank` stands in for the real channel (CONTRACT.md §5 test card tokens): `tok_decline`
+is declined, `tok_timeout` never answers, every other `tok_…` approves. Its answers depend only
+on the token, so it is idempotent and restart-safe by construction. A real adapter implements
+the same interface over the network, with its own timeouts.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Protocol
+
+
+class ChargeResult(str, Enum):
+    APPROVED = "approved"
+    DECLINED = "declined"
+    NO_ANSWER = "no_answer"  # the channel has not answered (yet); the caller's deadline decides
+
+
+class BankChannel(Protocol):
+    async def charge(self, request_id: str, card_token: str, amount: int) -> ChargeResult: ...
+
+    async def void(self, request_id: str) -> None:
+        """Cancel a charge that may or may not have happened (after no answer)."""
+
+    async def refund(self, request_id: str, charge_request_id: str, amount: int) -> None: ...
+
+    async def payout(self, request_id: str, user_id: str, amount: int) -> None: ...
+
+
+class SimulatedBank:
+    async def charge(self, request_id: str, card_token: str, amount: int) -> ChargeResult:
+        if card_token == "tok_decline":
+            return ChargeResult.DECLINED
+        if card_token == "tok_timeout":
+            return ChargeResult.NO_ANSWER
+        return ChargeResult.APPROVED
+
+    async def void(self, request_id: str) -> None:
+        return None
+
+    async def refund(self, request_id: str, charge_request_id: str, amount: int) -> None:
+        return None
+
+    async def payout(self, request_id: str, user_id: str, amount: int) -> None:
+        return None

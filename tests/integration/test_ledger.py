@@ -1,0 +1,65 @@
+"""The double-entry ledger on real Postgres: balanced transfers, no overdraft, two-phase holds,
+idempotent ids, and a check that catches tampering."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from shared import db as dbmod, ledger
+from shared.ledger import InsufficientFunds
+
+NOW = datetime(2026, 11, 25, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+async def conn(infra):
+    schema = f"lg_{uuid.uuid4().hex[:8]}"
+    pool = await dbmod.create_pool(infra.database_url, schema, min_size=1, max_size=2)
+    await dbmod.migrate(pool, schema, [dbmod.RUNTIME_MIGRATIONS])
+    async with pool.acquire() as c:
+        yield c
+    await pool.close()
+
+
+async def test_transfers_balance_and_wallets_never_go_negative(conn):
+    async with conn.transaction():
+        assert await ledger.transfer(conn, "t1", "bank", "wallet:a", 1_000, code="topup", now=NOW)
+        assert not await ledger.transfer(conn, "t1", "bank", "wallet:a", 1_000, code="topup", now=NOW)  # same id
+        with pytest.raises(InsufficientFunds):
+            await ledger.transfer(conn, "t2", "wallet:a", "wallet:b", 1_001, code="pay", now=NOW)
+        assert await ledger.transfer(conn, "t3", "wallet:a", "wallet:b", 400, code="pay", now=NOW)
+    assert (await ledger.account(conn, "wallet:a")).balance == 600
+    assert (await ledger.account(conn, "wallet:b")).balance == 400
+    assert (await ledger.account(conn, "bank")).debits_posted == 1_000
+    assert await conn.fetchval("SELECT count(*) FROM ledger_transfers WHERE id = 't2'") == 0
+    assert await ledger.check(conn) == []
+
+
+async def test_pending_transfer_reserves_then_posts_or_voids(conn):
+    await ledger.transfer(conn, "in", "bank", "wallet:a", 1_000, code="topup", now=NOW)
+    await ledger.transfer(conn, "hold-1", "wallet:a", "escrow", 700, code="payment", now=NOW, pending=True)
+    a = await ledger.account(conn, "wallet:a")
+    assert (a.balance, a.available) == (1_000, 300)
+    with pytest.raises(InsufficientFunds):  # the reservation counts
+        await ledger.transfer(conn, "hold-2", "wallet:a", "escrow", 301, code="payment", now=NOW, pending=True)
+    assert await ledger.pending_state(conn, "hold-1") == "pending"
+    assert await ledger.post_pending(conn, "post-1", "hold-1", NOW)
+    assert not await ledger.void_pending(conn, "void-1", "hold-1", NOW)  # resolved once only
+    a = await ledger.account(conn, "wallet:a")
+    assert (a.balance, a.available) == (300, 300)
+    assert (await ledger.account(conn, "escrow")).balance == 700
+    await ledger.transfer(conn, "hold-3", "wallet:a", "escrow", 300, code="payment", now=NOW, pending=True)
+    assert await ledger.void_pending(conn, "void-3", "hold-3", NOW)
+    assert await ledger.pending_state(conn, "hold-3") == "voided"
+    assert (await ledger.account(conn, "wallet:a")).available == 300
+    assert await ledger.check(conn) == []
+
+
+async def test_check_finds_tampered_balances(conn):
+    await ledger.transfer(conn, "in", "bank", "wallet:a", 1_000, code="topup", now=NOW)
+    await conn.execute("UPDATE ledger_accounts SET credits_posted = credits_posted + 1 WHERE id = 'wallet:a'")
+    problems = await ledger.check(conn)
+    assert any("wallet:a" in p for p in problems)
+    assert any("posted debits" in p for p in problems)
