@@ -1,21 +1,30 @@
-"""The main job, for now a smoke run across the backbone (`./danbao demo`):
+"""The main job (`./danbao demo`): a realistic stream of upstream orders through the running
+platform, then a summary and the audit.
 
-registers users at the gateway, watches their UserRegistered events reach the credit service,
-publishes upstream order events (good, duplicated, malformed) to orders.events with a plain
-Kafka client, and prints what happened: payments, dead letters and payments.events outcomes.
+It registers buyers and sellers at the gateway (and checks that their UserRegistered events
+reach the credit service), tops up wallets through the simulated bank channel, then publishes
+to orders.events, with a plain Kafka client, a mix of orders: paid from the wallet or by card,
+declined, short of balance, with a silent card, confirmed, cancelled, partially refunded,
+refunded after release, shipped and auto-confirmed by moving the test clock, plus a malformed
+record for the dead-letter topic. It waits for every outcome on payments.events, prints counts
+by outcome and the money held, released, refunded and earned, and runs the audit.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 import uuid
+from collections import Counter
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from deploy.audit import audit_settled
 from shared.settings import DEFAULT_URLS
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
@@ -28,105 +37,215 @@ def envelope(type_: str, data: dict) -> bytes:
                        "correlation_id": data.get("order_id"), "data": data}).encode()
 
 
-async def end_offsets(producer: AIOKafkaProducer, topic: str) -> dict[TopicPartition, int]:
-    tps = [TopicPartition(topic, p) for p in await producer.partitions_for(topic)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA)
-    await consumer.start()
-    try:
-        return await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
+class Outcomes:
+    """payments.events from now on, by order."""
 
+    def __init__(self):
+        self.by_order: dict[str, list[dict]] = {}
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False)
 
-async def read_new(topic: str, since: dict[TopicPartition, int], want: int, timeout: float = 20) -> list:
-    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False)
-    await consumer.start()
-    records: list = []
-    try:
-        consumer.assign(list(since))
-        for tp, offset in since.items():
-            consumer.seek(tp, offset)
+    async def start(self, producer: AIOKafkaProducer) -> None:
+        await self.consumer.start()
+        tps = [TopicPartition("payments.events", p) for p in await producer.partitions_for("payments.events")]
+        self.consumer.assign(tps)
+        for tp, offset in (await self.consumer.end_offsets(tps)).items():
+            self.consumer.seek(tp, offset)
+        self.task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        while True:
+            for records in (await self.consumer.getmany(timeout_ms=200)).values():
+                for r in records:
+                    event = json.loads(r.value)
+                    self.by_order.setdefault(event["data"]["order_id"], []).append(event)
+
+    async def wait_for(self, expected: dict[str, int], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while len(records) < want and time.monotonic() < deadline:
-            for recs in (await consumer.getmany(timeout_ms=300)).values():
-                records.extend(recs)
-        return records
-    finally:
-        await consumer.stop()
+        while time.monotonic() < deadline:
+            if all(len(self.by_order.get(o, [])) >= n for o, n in expected.items()):
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.consumer.stop()
 
 
-async def main() -> int:
+class Demo:
+    def __init__(self, token: str, orders: int, seed: int):
+        headers = {"Authorization": f"Bearer {token}"}
+        self.http = {n: httpx.AsyncClient(base_url=u, headers=headers, timeout=15) for n, u in URLS.items()}
+        self.producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=5)
+        self.outcomes = Outcomes()
+        self.rng = random.Random(seed)
+        self.run = uuid.uuid4().hex[:6]
+        self.orders = orders
+        self.expected: dict[str, int] = {}  # order -> number of payments.events outcomes
+        self.kind: dict[str, str] = {}
+
+    async def close(self) -> None:
+        await self.outcomes.stop()
+        await self.producer.stop()
+        for client in self.http.values():
+            await client.aclose()
+
+    async def register(self, user_id: str) -> None:
+        body = {"user_id": user_id, "full_name": f"Demo {user_id}", "birth_date": "1990-03-14",
+                "phone": f"139{self.rng.randrange(10**8):08d}", "id_number": f"ID{uuid.uuid4().hex[:16]}",
+                "real_name_verified": True}
+        response = await self.http["gateway"].post("/v1/users", json=body)
+        response.raise_for_status()
+
+    async def top_up(self, user_id: str, amount: int) -> None:
+        response = await self.http["gateway"].post(f"/v1/wallets/{user_id}/top-ups", json={
+            "amount": amount, "card_token": "tok_demo_visa", "idempotency_key": uuid.uuid4().hex})
+        response.raise_for_status()
+
+    async def send(self, type_: str, data: dict) -> None:
+        await self.producer.send("orders.events", envelope(type_, data), key=data["order_id"].encode())
+
+    async def place(self, kind: str, buyer: str, seller: str, amount: int, method: str, outcomes: int, **extra) -> str:
+        order_id = f"o-{self.run}-{len(self.kind):04d}"
+        self.kind[order_id] = kind
+        self.expected[order_id] = outcomes
+        await self.send("OrderPlaced", {"order_id": order_id, "buyer_id": buyer, "seller_id": seller, "amount": amount,
+                                        "currency": "CNY", "payment_method": method, **extra})
+        return order_id
+
+    async def main(self) -> int:
+        await self.producer.start()
+        await self.outcomes.start(self.producer)
+        clock = await self.http["gateway"].get("/admin/clock")
+        controllable = clock.status_code == 200
+
+        buyers = [f"buyer-{self.run}-{i}" for i in range(12)]
+        sellers = [f"seller-{self.run}-{i}" for i in range(4)]
+        poor = f"poor-{self.run}"
+        print(f"== run {self.run}: registering {len(buyers)} buyers, {len(sellers)} sellers and one buyer with 1 yuan")
+        started = time.monotonic()
+        await asyncio.gather(*(self.register(u) for u in buyers + sellers + [poor]))
+        for u in buyers + sellers:
+            while (await self.http["credit"].get(f"/v1/credit-profiles/{u}")).status_code != 200:
+                if time.monotonic() - started > 30:
+                    print(f"   {u} never reached the credit service", file=sys.stderr)
+                    return 1
+                await asyncio.sleep(0.05)
+        print(f"   all profiles reached the credit service through Kafka in {time.monotonic() - started:.2f}s")
+        await asyncio.gather(*(self.top_up(u, 5_000_000) for u in buyers), self.top_up(poor, 100))
+
+        print(f"== publishing {self.orders} orders and their follow-ups to orders.events")
+        follow_ups: list[tuple[str, dict]] = []
+        auto_confirm: list[str] = []
+        kinds = ["confirmed", "confirmed", "card_confirmed", "shipped_auto", "cancelled", "partial_refund",
+                 "refund_after_release", "declined", "insufficient", "silent_card", "held"]
+        for i in range(self.orders):
+            kind = kinds[i % len(kinds)]
+            buyer, seller = self.rng.choice(buyers), self.rng.choice(sellers)
+            amount = self.rng.randrange(100, 200_000)
+            if kind == "confirmed":
+                o = await self.place(kind, buyer, seller, amount, "balance", 2)
+                follow_ups.append(("OrderConfirmed", {"order_id": o}))
+            elif kind == "card_confirmed":
+                o = await self.place(kind, buyer, seller, amount, "bank_card", 2, card_token="tok_demo_visa")
+                follow_ups.append(("OrderConfirmed", {"order_id": o}))
+            elif kind == "shipped_auto":
+                o = await self.place(kind, buyer, seller, amount, "balance", 2 if controllable else 1,
+                                     auto_confirm_days=self.rng.randint(1, 10))
+                follow_ups.append(("OrderShipped", {"order_id": o}))
+                auto_confirm.append(o)
+            elif kind == "cancelled":
+                o = await self.place(kind, buyer, seller, amount, "balance", 2)
+                follow_ups.append(("OrderCancelled", {"order_id": o, "reason": "buyer changed their mind"}))
+            elif kind == "partial_refund":
+                o = await self.place(kind, buyer, seller, amount, "bank_card", 3, card_token="tok_demo_mc")
+                follow_ups += [("RefundRequested", {"order_id": o, "refund_id": "r-1", "amount": amount // 3,
+                                                    "reason": "one item missing"}),
+                               ("OrderConfirmed", {"order_id": o})]
+            elif kind == "refund_after_release":
+                o = await self.place(kind, buyer, seller, amount, "balance", 3)
+                follow_ups += [("OrderConfirmed", {"order_id": o}),
+                               ("RefundRequested", {"order_id": o, "refund_id": "r-1", "amount": amount // 10,
+                                                    "reason": "damaged on arrival"})]
+            elif kind == "declined":
+                await self.place(kind, buyer, seller, amount, "bank_card", 1, card_token="tok_decline")
+            elif kind == "insufficient":
+                await self.place(kind, poor, seller, amount + 1_000, "balance", 1)
+            elif kind == "silent_card":
+                await self.place(kind, buyer, seller, amount, "bank_card", 1 if controllable else 0,
+                                 card_token="tok_timeout")
+            else:
+                await self.place(kind, buyer, seller, amount, "balance", 1)
+        await self.producer.send_and_wait("orders.events", b'{"this is": "not an order"', key=b"garbage")
+        # Follow-ups go out after their orders (same partition, in order); the platform keeps
+        # any that arrive before the payment completes.
+        for type_, data in follow_ups:
+            await self.send(type_, data)
+        await self.producer.flush()
+
+        if controllable:
+            await asyncio.sleep(1)
+            now = (await self.http["gateway"].post("/admin/clock", json={"advance_seconds": 11 * 86_400})).json()["now"]
+            print(f"   moved the test clock 11 days ahead to {now}: silent cards time out, shipped orders auto-confirm")
+        else:
+            print("   services run on the system clock: no auto-confirm or channel timeout in this run "
+                  "(start them with DANBAO_CLOCK=controllable)")
+        settled = await self.outcomes.wait_for(self.expected, timeout=90)
+        elapsed = time.monotonic() - started
+        return await self.summary(settled, elapsed)
+
+    async def summary(self, settled: bool, elapsed: float) -> int:
+        counts: Counter = Counter()
+        released = fees = refunded = 0
+        for order in self.expected:
+            for e in self.outcomes.by_order.get(order, []):
+                d = e["data"]
+                label = e["type"] + (f" {d['reason_code']}" if d.get("reason_code") else "")
+                label += f" ({d['trigger']})" if e["type"] == "FundsReleased" else ""
+                counts[label] += 1
+                if e["type"] == "FundsReleased":
+                    released += d["gross_amount"]
+                    fees += d["fee_amount"]
+                elif e["type"] == "RefundCompleted":
+                    refunded += d["amount"]
+        report = await audit_settled(15)
+        print(f"\n== summary: {len(self.expected)} orders in {elapsed:.1f}s"
+              f"{'' if settled else ' (NOT all outcomes arrived in time)'}")
+        print(f"   {'outcome on payments.events':<44}{'count':>8}")
+        for label, n in sorted(counts.items()):
+            print(f"   {label:<44}{n:>8}")
+        figures = report.figures
+        print(f"\n   {'money':<44}{'fen':>14}")
+        for label, value in (("held in escrow now", figures["escrow holds"]), ("released to sellers (gross)", released),
+                             ("refunded to buyers", refunded), ("merchant fees (this run)", fees),
+                             ("merchant fee revenue (all time)", figures["merchant fee revenue"]),
+                             ("withdrawal fee revenue (all time)", figures["withdrawal fee revenue"])):
+            print(f"   {label:<44}{value:>14,}".replace(",", " "))
+        print("\n== audit")
+        print(report.render())
+        return 0 if settled and report.ok else 1
+
+
+async def run(orders: int, seed: int) -> int:
     token = os.environ.get("DANBAO_API_TOKEN")
     if not token:
         print("DANBAO_API_TOKEN is not set (./danbao demo sets it from .data/secrets.env)", file=sys.stderr)
         return 2
-    headers = {"Authorization": f"Bearer {token}"}
-    run = uuid.uuid4().hex[:6]
-    gateway = httpx.AsyncClient(base_url=URLS["gateway"], headers=headers, timeout=10)
-    credit = httpx.AsyncClient(base_url=URLS["credit"], headers=headers, timeout=10)
-    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
-    await producer.start()
+    demo = Demo(token, orders, seed)
     try:
-        print(f"== demo run {run}: registering users at the gateway ({URLS['gateway']})")
-        users = [f"buyer-{run}", f"seller-{run}", f"student-{run}"]
-        births = ["1990-03-14", "1985-07-01", "2010-09-09"]
-        for user_id, birth in zip(users, births):
-            body = {"user_id": user_id, "full_name": f"Demo {user_id}", "birth_date": birth,
-                    "phone": f"139{uuid.uuid4().int % 10**8:08d}", "id_number": f"ID{uuid.uuid4().hex[:16]}",
-                    "real_name_verified": True}
-            r = await gateway.post("/v1/users", json=body)
-            print(f"   POST /v1/users {user_id:<22} -> {r.status_code}")
-
-        print(f"== waiting for UserRegistered to cross Kafka into the credit service ({URLS['credit']})")
-        started = time.monotonic()
-        for user_id in users:
-            while (await credit.get(f"/v1/credit-profiles/{user_id}")).status_code != 200:
-                if time.monotonic() - started > 30:
-                    print(f"   {user_id} never reached credit", file=sys.stderr)
-                    return 1
-                await asyncio.sleep(0.1)
-            print(f"   credit profile {user_id:<22} present after {time.monotonic() - started:.2f}s")
-
-        dlq_start = await end_offsets(producer, "orders.events.dlq")
-        pay_start = await end_offsets(producer, "payments.events")
-        order_ok, order_dup = f"o-{run}-1", f"o-{run}-2"
-        placed = {"order_id": order_ok, "buyer_id": users[0], "seller_id": users[1], "amount": 19_900,
-                  "currency": "CNY", "payment_method": "balance"}
-        print("== publishing upstream records to orders.events")
-        records = [
-            ("OrderPlaced (good)", envelope("OrderPlaced", placed), order_ok),
-            ("OrderPlaced (same order, new event)", envelope("OrderPlaced", {**placed, "amount": 1}), order_ok),
-            ("not JSON", b"{oops", order_dup),
-            ("negative amount", envelope("OrderPlaced", {**placed, "order_id": order_dup, "amount": -100}), order_dup),
-            ("unknown type", envelope("OrderVanished", {"order_id": order_dup}), order_dup),
-        ]
-        for label, raw, key in records:
-            await producer.send_and_wait("orders.events", raw, key=key.encode())
-            print(f"   sent {label}")
-
-        dead = await read_new("orders.events.dlq", dlq_start, want=3)
-        outcomes = await read_new("payments.events", pay_start, want=1)
-        payment = (await gateway.get(f"/v1/payments/{order_ok}")).json()
-
-        print("\n== summary")
-        print(f"   {'what':<34}{'result'}")
-        print(f"   {'users registered':<34}{len(users)}")
-        print(f"   {'profiles in credit':<34}{len(users)}")
-        print(f"   {'payment ' + order_ok:<34}{payment.get('status')} {payment.get('amount')} fen")
-        for r in outcomes:
-            v = json.loads(r.value)
-            print(f"   {'payments.events':<34}{v['type']} {v['data'].get('reason_code', '')} ({v['data']['order_id']})")
-        for r in dead:
-            h = {k: v.decode() for k, v in r.headers}
-            print(f"   {'orders.events.dlq':<34}{h['error.code']} (offset {h['original.offset']})")
-        ok = payment.get("status") == "PENDING" and len(dead) >= 3 and len(outcomes) >= 1
-        print(f"\n   result: {'OK' if ok else 'UNEXPECTED'}")
-        return 0 if ok else 1
+        return await demo.main()
     finally:
-        await producer.stop()
-        await gateway.aclose()
-        await credit.aclose()
+        await demo.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Danbao's main job: a stream of orders, a summary, the audit")
+    parser.add_argument("--orders", type=int, default=110)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    return asyncio.run(run(args.orders, args.seed))
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())
