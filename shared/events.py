@@ -237,6 +237,34 @@ class EscrowRefundRejected(Strict):
     reason_code: RefundRejectionCode
 
 
+# risk.requests (gateway -> risk engine), keyed by buyer_id: the payment saga asks before funding.
+class RiskCheckRequested(Strict):
+    order_id: Identifier
+    buyer_id: Identifier
+    seller_id: Identifier
+    amount: PositiveFen
+    payment_method: PaymentMethod
+    card_token: CardToken | None
+    accepted_at: AwareDatetime  # when the platform accepted the order, by its clock: windows use this
+    buyer_registered_at: AwareDatetime | None
+
+
+class CardDeclined(Strict):
+    """gateway -> risk.requests (keyed by buyer_id): a card charge was declined, for card_decline_burst."""
+    order_id: Identifier
+    buyer_id: Identifier
+    card_token: CardToken
+    declined_at: AwareDatetime
+
+
+# risk.decisions (risk engine -> gateway), keyed by order_id.
+class RiskDecided(Strict):
+    order_id: Identifier
+    decision: Literal["approve", "review", "reject"]
+    rules: list[StrictStr]  # names of the rules that fired (empty for a plain approve)
+    message: StrictStr
+
+
 # Which event types each consumed topic carries.
 SCHEMAS: dict[str, dict[str, type[Strict]]] = {
     topics.ORDERS: {m.__name__: m for m in (OrderPlaced, OrderShipped, OrderConfirmed, OrderCancelled, RefundRequested)},
@@ -244,6 +272,8 @@ SCHEMAS: dict[str, dict[str, type[Strict]]] = {
     topics.USERS: {m.__name__: m for m in (UserRegistered,)},
     topics.ESCROW_COMMANDS: {m.__name__: m for m in (HoldFunds, ShipOrder, ConfirmOrder, CancelOrder, RefundOrder,
                                                      ClawbackSettled)},
+    topics.RISK_REQUESTS: {m.__name__: m for m in (RiskCheckRequested, CardDeclined)},
+    topics.RISK_DECISIONS: {m.__name__: m for m in (RiskDecided,)},
     topics.ESCROW_EVENTS: {m.__name__: m for m in (FundsHeld, HoldRefused, EscrowReleased, EscrowRefunded,
                                                    ClawbackRequested, EscrowRefundRejected)},
 }

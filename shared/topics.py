@@ -8,8 +8,11 @@ ESCROW_EVENTS = "escrow.events"
 CREDIT_COMMANDS = "credit.commands"
 CREDIT_EVENTS = "credit.events"
 BILLING_EVENTS = "billing.events"
+RISK_REQUESTS = "risk.requests"    # gateway -> risk engine (faust), keyed by buyer_id
+RISK_DECISIONS = "risk.decisions"  # risk engine -> gateway, keyed by order_id
 
-ALL = [ORDERS, PAYMENTS, USERS, ESCROW_COMMANDS, ESCROW_EVENTS, CREDIT_COMMANDS, CREDIT_EVENTS, BILLING_EVENTS]
+ALL = [ORDERS, PAYMENTS, USERS, ESCROW_COMMANDS, ESCROW_EVENTS, CREDIT_COMMANDS, CREDIT_EVENTS, BILLING_EVENTS,
+       RISK_REQUESTS, RISK_DECISIONS]
 
 
 def dlq(topic: str) -> str:
