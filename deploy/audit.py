@@ -5,9 +5,10 @@ It reads every service's ledger (an operator's tool may; services never read eac
 tables) and checks that
   1. each ledger is consistent: cached account totals equal its transfers, posted debits equal
      posted credits, no wallet is overdrawn;
-  2. what the gateway handed to escrow equals what escrow received from the gateway;
-  3. conservation: money in from the bank channel minus money out equals the sum of wallet
-     balances, escrow holds and fee revenue.
+  2. what the gateway handed to escrow equals what escrow received from the gateway, and what
+     the credit service lent through the gateway equals what the gateway took from the lender;
+  3. conservation: money in from the bank channel minus money out, plus what buyers owe on
+     Huabei, equals the sum of wallet balances, escrow holds and fee revenue.
 Money in flight between services (a message not yet consumed) shows as a difference in 2 and 3;
 --wait retries until the figures settle. Exit status 0 when all holds, 1 with the discrepancy.
 """
@@ -50,15 +51,18 @@ async def _sum(conn: asyncpg.Connection, schema: str, where: str, expr: str) -> 
 
 
 async def audit(dsns: dict[str, str] | None = None) -> Report:
-    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow")}
+    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow", "credit")}
     report = Report()
     credit_balance = "credits_posted - debits_posted"
+    debit_balance = "debits_posted - credits_posted"
     gw = await asyncpg.connect(dsns["gateway"])
     es = await asyncpg.connect(dsns["escrow"])
+    cr = await asyncpg.connect(dsns["credit"])
     try:
         async with gw.transaction(isolation="repeatable_read", readonly=True), \
-                es.transaction(isolation="repeatable_read", readonly=True):
-            for name, conn in (("gateway", gw), ("escrow", es)):
+                es.transaction(isolation="repeatable_read", readonly=True), \
+                cr.transaction(isolation="repeatable_read", readonly=True):
+            for name, conn in (("gateway", gw), ("escrow", es), ("credit", cr)):
                 await conn.execute(f"SET LOCAL search_path = {name}")
                 report.problems += [f"{name} ledger: {p}" for p in await ledger.check(conn)]
             f = report.figures
@@ -71,19 +75,25 @@ async def audit(dsns: dict[str, str] | None = None) -> Report:
             f["handed to escrow (gateway ledger)"] = await _sum(gw, "gateway", "id = 'escrow'", credit_balance)
             f["received from gateway (escrow ledger)"] = await _sum(es, "escrow", "id = 'gateway'",
                                                                 "debits_posted - credits_posted")
+            f["huabei owed by buyers"] = await _sum(cr, "credit", "id LIKE 'loan:%'", debit_balance)
+            f["lent through the gateway (credit ledger)"] = await _sum(cr, "credit", "id = 'gateway'", credit_balance)
+            f["taken from the lender (gateway ledger)"] = await _sum(gw, "gateway", "id = 'lender'", debit_balance)
             f["payments in flight (reserved)"] = await _sum(gw, "gateway", "id LIKE 'wallet:%'", "debits_pending")
     finally:
-        await gw.close()
-        await es.close()
+        for conn in (gw, es, cr):
+            await conn.close()
     f = report.figures
     handed, received = f["handed to escrow (gateway ledger)"], f["received from gateway (escrow ledger)"]
     if handed != received:
         report.problems.append(f"the gateway handed {handed} fen to escrow, escrow received {received} fen")
-    net_in = f["bank channel: money in"] - f["bank channel: money out"]
+    lent, taken = f["lent through the gateway (credit ledger)"], f["taken from the lender (gateway ledger)"]
+    if lent != taken:
+        report.problems.append(f"the credit service lent {lent} fen through the gateway, the gateway took {taken} fen")
+    net_in = f["bank channel: money in"] - f["bank channel: money out"] + f["huabei owed by buyers"]
     accounted = f["wallet balances"] + f["escrow holds"] + f["merchant fee revenue"] + f["withdrawal fee revenue"]
     if net_in != accounted:
-        report.problems.append(f"conservation: bank in - out = {net_in}, but wallets + holds + fees = {accounted} "
-                               f"(difference {net_in - accounted})")
+        report.problems.append(f"conservation: bank in - out + Huabei owed = {net_in}, but wallets + holds + fees = "
+                               f"{accounted} (difference {net_in - accounted})")
     return report
 
 

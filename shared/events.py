@@ -237,6 +237,85 @@ class EscrowRefundRejected(Strict):
     reason_code: RefundRejectionCode
 
 
+# credit.commands (gateway -> credit), keyed by order_id: Huabei drawdowns as try/confirm/cancel.
+class ReserveCredit(Strict):
+    """Try: reserve `amount` of the buyer's available credit for this order (idempotent per order)."""
+    order_id: Identifier
+    user_id: Identifier
+    amount: PositiveFen
+    installments: Literal[1, 3, 6, 9, 12]
+
+
+class CommitCredit(Strict):
+    """Confirm: the hold succeeded; the reservation becomes a drawdown (a loan to the buyer)."""
+    order_id: Identifier
+
+
+class CancelCredit(Strict):
+    """Cancel: the saga compensates; the reservation is released."""
+    order_id: Identifier
+
+
+class RestoreCredit(Strict):
+    """Refunded principal of a Huabei-funded order goes back to the lender: the line is restored."""
+    order_id: Identifier
+    user_id: Identifier
+    amount: PositiveFen
+    refund_key: StrictStr  # unique per refund (refund_id, or "cancel"), for idempotence
+
+
+# credit.events (credit -> gateway, billing), keyed by order_id (drawdowns) or user_id.
+class CreditReserved(Strict):
+    order_id: Identifier
+    user_id: Identifier
+    amount: PositiveFen
+
+
+class CreditRefused(Strict):
+    order_id: Identifier
+    user_id: Identifier
+    reason_code: Literal["HUABEI_NOT_ACTIVE", "HUABEI_FROZEN", "CREDIT_LIMIT_EXCEEDED"]
+    message: StrictStr
+
+
+class DrawdownCommitted(Strict):
+    order_id: Identifier
+    user_id: Identifier
+    amount: PositiveFen
+    installments: Literal[1, 3, 6, 9, 12]
+    committed_at: AwareDatetime
+
+
+class DrawdownRefunded(Strict):
+    order_id: Identifier
+    user_id: Identifier
+    amount: PositiveFen
+    refund_key: StrictStr
+    refunded_at: AwareDatetime
+
+
+# billing.events (billing -> credit), keyed by user_id: repayment behaviour and overdue status.
+class RepaymentApplied(Strict):
+    user_id: Identifier
+    repayment_id: StrictStr
+    principal: Fen           # repaid principal: restores the credit line
+    on_time: StrictBool      # paid by the end of the due day of what it paid
+    applied_at: AwareDatetime
+
+
+class AccountOverdue(Strict):
+    """Something is overdue: freeze Huabei for new purchases."""
+    user_id: Identifier
+    days_overdue: StrictInt
+    as_of: AwareDatetime
+
+
+class AccountSettled(Strict):
+    """Every overdue amount is repaid: unfreeze."""
+    user_id: Identifier
+    as_of: AwareDatetime
+
+
 # risk.requests (gateway -> risk engine), keyed by buyer_id: the payment saga asks before funding.
 class RiskCheckRequested(Strict):
     order_id: Identifier
@@ -272,6 +351,10 @@ SCHEMAS: dict[str, dict[str, type[Strict]]] = {
     topics.USERS: {m.__name__: m for m in (UserRegistered,)},
     topics.ESCROW_COMMANDS: {m.__name__: m for m in (HoldFunds, ShipOrder, ConfirmOrder, CancelOrder, RefundOrder,
                                                      ClawbackSettled)},
+    topics.CREDIT_COMMANDS: {m.__name__: m for m in (ReserveCredit, CommitCredit, CancelCredit, RestoreCredit)},
+    topics.CREDIT_EVENTS: {m.__name__: m for m in (CreditReserved, CreditRefused, DrawdownCommitted,
+                                                   DrawdownRefunded)},
+    topics.BILLING_EVENTS: {m.__name__: m for m in (RepaymentApplied, AccountOverdue, AccountSettled)},
     topics.RISK_REQUESTS: {m.__name__: m for m in (RiskCheckRequested, CardDeclined)},
     topics.RISK_DECISIONS: {m.__name__: m for m in (RiskDecided,)},
     topics.ESCROW_EVENTS: {m.__name__: m for m in (FundsHeld, HoldRefused, EscrowReleased, EscrowRefunded,

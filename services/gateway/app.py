@@ -35,9 +35,11 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         "ClawbackRequested": handlers.clawback_requested,
         "EscrowRefundRejected": handlers.escrow_refund_rejected,
     }
+    credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused}
     return [
         Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]}),
         Subscription(topics.ESCROW_EVENTS, {t: partial(h, ctx) for t, h in escrow.items()}),
+        Subscription(topics.CREDIT_EVENTS, {t: partial(h, ctx) for t, h in credit.items()}),
     ]
 
 

@@ -21,6 +21,7 @@ class PaymentStatus(str, Enum):
 
 class SagaState(str, Enum):
     NEW = "NEW"
+    RESERVING = "RESERVING"  # huabei: waiting for the credit service to reserve the drawdown
     FUNDING = "FUNDING"      # waiting for the bank channel to charge the card
     HOLDING = "HOLDING"      # funded; HoldFunds sent, waiting for escrow's answer
     COMPLETED = "COMPLETED"  # held in escrow: PaymentSucceeded published
@@ -28,7 +29,7 @@ class SagaState(str, Enum):
 
     @property
     def in_progress(self) -> bool:
-        return self in (SagaState.NEW, SagaState.FUNDING, SagaState.HOLDING)
+        return self in (SagaState.NEW, SagaState.RESERVING, SagaState.FUNDING, SagaState.HOLDING)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Rules:
     withdrawal_free_quota: int = 2_000_000
     withdrawal_min_fee: int = 10
     channel_timeout_seconds: int = 30
-    hold_retry_seconds: int = 30
+    hold_retry_seconds: int = 30  # an unanswered command to escrow or credit is re-sent this often
 
     @classmethod
     def from_env(cls) -> "Rules":
@@ -86,8 +87,6 @@ def validation_failure(*, buyer_known: bool, seller_known: bool, method: str) ->
         return "UNKNOWN_BUYER", "the buyer is not a registered user"
     if not seller_known:
         return "UNKNOWN_SELLER", "the seller is not a registered user"
-    if method == "huabei":
-        return "HUABEI_NOT_ACTIVE", "the buyer has no active Huabei account"
     return None
 
 

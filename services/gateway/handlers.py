@@ -3,6 +3,7 @@ the caller's transaction and writes its outgoing events to the outbox on the sam
 so a state change, its ledger transfers and its events commit together.
 
 Ledger accounts (shared/ledger.py): `bank` (money at the bank channel: debit-normal),
+`lender` (money the credit service lent for Huabei orders, less what went back: debit-normal),
 `wallet:<user>` (what users own), `escrow` (what escrow holds for orders, plus the merchant fees
 it kept), `revenue:withdrawal_fee`.
 """
@@ -18,7 +19,8 @@ from services.gateway import domain, store
 from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
 from services.gateway.bank import ChargeResult
 from shared import events, ledger, outbox, topics
-from shared.events import (CancelOrder, ClawbackRequested, ClawbackSettled, ConfirmOrder, EscrowRefunded,
+from shared.events import (CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
+                           CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
                            EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
                            HoldRefused, OrderCancelled, OrderConfirmed, OrderPlaced, OrderShipped, PaymentFailed,
                            PaymentSucceeded, RefundCompleted, RefundOrder, RefundRejected, RefundRequested, ShipOrder,
@@ -40,9 +42,21 @@ async def _publish(ctx: Context, conn: asyncpg.Connection, data, *, order_id: st
         data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=order_id, causation_id=cause))
 
 
-async def _command_escrow(ctx: Context, conn: asyncpg.Connection, data, *, cause: str | None) -> None:
-    await outbox.add(conn, topics.ESCROW_COMMANDS, data.order_id, events.new_event(
+async def _command(ctx: Context, conn: asyncpg.Connection, topic: str, data, *, cause: str | None) -> None:
+    await outbox.add(conn, topic, data.order_id, events.new_event(
         data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=data.order_id, causation_id=cause))
+
+
+async def _command_escrow(ctx: Context, conn: asyncpg.Connection, data, *, cause: str | None) -> None:
+    await _command(ctx, conn, topics.ESCROW_COMMANDS, data, cause=cause)
+
+
+async def _command_credit(ctx: Context, conn: asyncpg.Connection, data, *, cause: str | None) -> None:
+    await _command(ctx, conn, topics.CREDIT_COMMANDS, data, cause=cause)
+
+
+def _refund_key(refund_id: str | None) -> str:
+    return f"r:{refund_id}" if refund_id else "cancel"
 
 
 # ---------------------------------------------------------------- users
@@ -165,6 +179,11 @@ async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, or
                         cause=env.event_id)
             return
         await _start_holding(ctx, conn, payment, cause=env.event_id)
+    elif order.payment_method == "huabei":
+        # Try: the credit service reserves the drawdown; confirmed once escrow holds the money.
+        await _command_credit(ctx, conn, _reserve_command(payment), cause=env.event_id)
+        await store.update_payment(conn, order.order_id, now, saga_state=SagaState.RESERVING.value,
+                                   next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds))
     else:  # bank_card: the saga worker charges the card, outside this consumer's batch
         await store.update_payment(conn, order.order_id, now, saga_state=SagaState.FUNDING.value, next_action_at=now,
                                    deadline_at=now + timedelta(seconds=ctx.deps.rules.channel_timeout_seconds))
@@ -176,6 +195,11 @@ async def _start_holding(ctx: Context, conn: asyncpg.Connection, payment: dict, 
     await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.HOLDING.value,
                                next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds),
                                attempts=payment["attempts"] + 1)
+
+
+def _reserve_command(p: dict) -> ReserveCredit:
+    return ReserveCredit(order_id=p["order_id"], user_id=p["buyer_id"], amount=p["amount"],
+                         installments=p["installments"])
 
 
 def _hold_command(p: dict) -> HoldFunds:
@@ -211,6 +235,12 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, payment: dict) -> No
     now = ctx.clock.now()
     order_id = payment["order_id"]
     state = SagaState(payment["saga_state"])
+    if state is SagaState.RESERVING:
+        log.warning("credit has not answered the reservation; re-sending", order_id=order_id)
+        await _command_credit(ctx, conn, _reserve_command(payment), cause=None)
+        await store.update_payment(conn, order_id, now, attempts=payment["attempts"] + 1,
+                                   next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds))
+        return
     if state is SagaState.HOLDING:
         # No answer from escrow yet: HoldFunds is idempotent, send it again.
         log.warning("escrow has not answered the hold; re-sending", order_id=order_id, attempts=payment["attempts"])
@@ -242,6 +272,10 @@ async def _compensate_funding(ctx: Context, conn: asyncpg.Connection, payment: d
     order_id, now = payment["order_id"], ctx.clock.now()
     if payment["payment_method"] == "balance":
         await ledger.void_pending(conn, f"payment-void:{order_id}", f"payment:{order_id}", now)
+    elif payment["payment_method"] == "huabei":
+        await ledger.transfer(conn, f"huabei-return:{order_id}", "escrow", "lender", payment["amount"],
+                              code="huabei_cancel", order_id=order_id, now=now)
+        await _command_credit(ctx, conn, CancelCredit(order_id=order_id), cause=None)
     else:
         refund_id = f"charge-refund:{order_id}"
         await ctx.deps.bank.refund(refund_id, f"charge:{order_id}", payment["amount"])
@@ -257,6 +291,8 @@ async def funds_held(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: F
     now = ctx.clock.now()
     if payment["payment_method"] == "balance":
         await ledger.post_pending(conn, f"payment-post:{e.order_id}", f"payment:{e.order_id}", now)
+    elif payment["payment_method"] == "huabei":
+        await _command_credit(ctx, conn, CommitCredit(order_id=e.order_id), cause=env.event_id)  # confirm
     await store.update_payment(conn, e.order_id, now, status=PaymentStatus.HELD.value,
                                saga_state=SagaState.COMPLETED.value, next_action_at=None)
     await _publish(ctx, conn, PaymentSucceeded(
@@ -284,6 +320,11 @@ async def _set_status(ctx: Context, conn: asyncpg.Connection, order_id: str, **c
     return p
 
 
+def _refund_account(payment_method: str, buyer_id: str) -> str:
+    """Refunds go back the way the money came: the wallet, the card (bank) or the lender."""
+    return {"bank_card": "bank", "huabei": "lender"}.get(payment_method, wallet(buyer_id))
+
+
 async def escrow_released(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowReleased) -> None:
     await store.lock_payment(conn, e.order_id)
     if e.net_amount:
@@ -303,11 +344,11 @@ async def escrow_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope,
     transfer_id = f"refund:{e.order_id}:{e.refund_id}" if e.refund_id else f"cancel-refund:{e.order_id}"
     if e.payment_method == "bank_card":
         await ctx.deps.bank.refund(transfer_id, f"charge:{e.order_id}", e.amount)
-        credit = "bank"
-    else:
-        credit = wallet(e.buyer_id)
-    await ledger.transfer(conn, transfer_id, "escrow", credit, e.amount, code="refund", order_id=e.order_id,
-                          now=ctx.clock.now())
+    await ledger.transfer(conn, transfer_id, "escrow", _refund_account(e.payment_method, e.buyer_id), e.amount,
+                          code="refund", order_id=e.order_id, now=ctx.clock.now())
+    if e.payment_method == "huabei":
+        await _command_credit(ctx, conn, RestoreCredit(order_id=e.order_id, user_id=e.buyer_id, amount=e.amount,
+                                                       refund_key=_refund_key(e.refund_id)), cause=env.event_id)
     await _set_status(ctx, conn, e.order_id, refunded=payment["refunded"] + e.amount)
     await _publish(ctx, conn, RefundCompleted(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
                                               payment_method=e.payment_method), order_id=e.order_id, cause=env.event_id)
@@ -317,16 +358,18 @@ async def clawback_requested(ctx: Context, conn: asyncpg.Connection, env: Envelo
     """A refund after release: from the seller's wallet back the way the money came, or rejected."""
     payment = await store.lock_payment(conn, e.order_id)
     transfer_id = f"clawback:{e.order_id}:{e.refund_id}"
-    credit = "bank" if e.payment_method == "bank_card" else wallet(e.buyer_id)
     try:
-        await ledger.transfer(conn, transfer_id, wallet(e.seller_id), credit, e.amount, code="clawback",
-                              order_id=e.order_id, now=ctx.clock.now())
+        await ledger.transfer(conn, transfer_id, wallet(e.seller_id), _refund_account(e.payment_method, e.buyer_id),
+                              e.amount, code="clawback", order_id=e.order_id, now=ctx.clock.now())
         ok = True
     except InsufficientFunds:
         ok = False
     if ok:
         if e.payment_method == "bank_card":
             await ctx.deps.bank.refund(transfer_id, f"charge:{e.order_id}", e.amount)
+        if e.payment_method == "huabei":
+            await _command_credit(ctx, conn, RestoreCredit(order_id=e.order_id, user_id=e.buyer_id, amount=e.amount,
+                                                           refund_key=_refund_key(e.refund_id)), cause=env.event_id)
         await _set_status(ctx, conn, e.order_id, refunded=payment["refunded"] + e.amount)
         outcome = RefundCompleted(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
                                   payment_method=e.payment_method)
@@ -335,6 +378,23 @@ async def clawback_requested(ctx: Context, conn: asyncpg.Connection, env: Envelo
     await _publish(ctx, conn, outcome, order_id=e.order_id, cause=env.event_id)
     await _command_escrow(ctx, conn, ClawbackSettled(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
                                                      ok=ok), cause=env.event_id)
+
+
+# ---------------------------------------------------------------- credit's answers
+async def credit_reserved(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditReserved) -> None:
+    payment = await store.lock_payment(conn, e.order_id)
+    if payment is None or payment["saga_state"] != SagaState.RESERVING.value:
+        return  # the answer to a re-sent reservation: already applied
+    await ledger.transfer(conn, f"huabei:{e.order_id}", "lender", "escrow", payment["amount"], code="huabei_payment",
+                          order_id=e.order_id, now=ctx.clock.now())
+    await _start_holding(ctx, conn, payment, cause=env.event_id)
+
+
+async def credit_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditRefused) -> None:
+    payment = await store.lock_payment(conn, e.order_id)
+    if payment is None or payment["saga_state"] != SagaState.RESERVING.value:
+        return
+    await _fail(ctx, conn, payment, e.reason_code, e.message, cause=env.event_id)
 
 
 async def escrow_refund_rejected(ctx: Context, conn: asyncpg.Connection, env: Envelope,

@@ -62,7 +62,7 @@ async def update_payment(conn: asyncpg.Connection, order_id: str, now: datetime,
 
 async def due_sagas(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:
     rows = await conn.fetch(
-        """SELECT * FROM payments WHERE saga_state IN ('FUNDING', 'HOLDING') AND next_action_at <= $1
+        """SELECT * FROM payments WHERE saga_state IN ('RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1
            ORDER BY next_action_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
     return [dict(r) for r in rows]
 

@@ -21,6 +21,7 @@ import jwt
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from deploy.audit import audit_settled
 from shared import settings as settings_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,3 +275,83 @@ async def outcomes(kafka, services) -> Outcomes:
     await collector.start(await kafka.end_offsets("payments.events"))
     yield collector
     await collector.stop()
+
+
+# ---------------------------------------------------------------- a shop driving the platform
+@pytest.fixture
+async def shop(services, api, kafka, outcomes, infra):
+    return Shop(api, kafka, outcomes, infra)
+
+
+class Shop:
+    def __init__(self, api, kafka, outcomes, infra):
+        self.api, self.kafka, self.outcomes, self.infra = api, kafka, outcomes, infra
+
+    async def user(self, prefix: str = "u", balance: int = 0, **over) -> str:
+        user_id = new_id(prefix)
+        body = {"user_id": user_id, "full_name": "Test User", "birth_date": "1990-01-01",
+                "phone": f"139{uuid.uuid4().int % 10**8:08d}", "id_number": new_id("id").replace("-", ""),
+                "real_name_verified": True, **over}
+        assert (await self.api("gateway").post("/v1/users", json=body)).status_code == 201
+        if balance:
+            await self.top_up(user_id, balance)
+        return user_id
+
+    async def top_up(self, user_id: str, amount: int, token: str = "tok_visa", key: str | None = None):
+        response = await self.api("gateway").post(f"/v1/wallets/{user_id}/top-ups", json={
+            "amount": amount, "card_token": token, "idempotency_key": key or new_id("k")})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    async def huabei(self, user_id: str) -> dict:
+        response = await self.api("credit").get(f"/v1/huabei/{user_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def activate(self, user_id: str) -> dict:
+        async def profile_arrived():
+            return (await self.api("credit").get(f"/v1/credit-profiles/{user_id}")).status_code == 200
+        await eventually(profile_arrived)
+        response = await self.api("credit").post(f"/v1/huabei/{user_id}/activation")
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    async def wallet(self, user_id: str) -> int:
+        response = await self.api("gateway").get(f"/v1/wallets/{user_id}")
+        assert response.status_code == 200, response.text
+        return response.json()["available"]
+
+    async def send(self, type_: str, data: dict, *, times: int = 1) -> dict:
+        event = envelope(type_, data)
+        for _ in range(times):
+            await self.kafka.send("orders.events", event, key=data["order_id"])
+        return event
+
+    async def place(self, buyer: str, seller: str, amount: int, method: str = "balance", times: int = 1,
+                    **extra) -> str:
+        order_id = new_id("o")
+        data = {"order_id": order_id, "buyer_id": buyer, "seller_id": seller, "amount": amount, "currency": "CNY",
+                "payment_method": method, **extra}
+        await self.send("OrderPlaced", data, times=times)
+        return order_id
+
+    async def payment(self, order_id: str) -> dict:
+        return (await self.api("gateway").get(f"/v1/payments/{order_id}")).json()
+
+    async def escrow(self, order_id: str) -> dict:
+        return (await self.api("escrow").get(f"/v1/escrows/{order_id}")).json()
+
+    async def events(self, order_id: str, count: int, **kw) -> list[dict]:
+        return await self.outcomes.wait(order_id, count, **kw)
+
+    async def advance_clock(self, seconds: int) -> None:
+        assert (await self.api("gateway").post("/admin/clock", json={"advance_seconds": seconds})).status_code == 200
+
+    async def audit(self):
+        dsns = {s: self.infra.database_url for s in ("gateway", "escrow", "credit")}
+        report = await audit_settled(15, dsns)
+        assert report.ok, report.render()
+
+
+def types(events: list[dict]) -> list[str]:
+    return [e["type"] for e in events]

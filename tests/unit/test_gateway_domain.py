@@ -35,6 +35,7 @@ def test_validation_failure_order():
     assert validation_failure(buyer_known=True, seller_known=False, method="balance")[0] == "UNKNOWN_SELLER"
     assert validation_failure(buyer_known=True, seller_known=True, method="balance") is None
     assert validation_failure(buyer_known=True, seller_known=True, method="bank_card") is None
+    assert validation_failure(buyer_known=True, seller_known=True, method="huabei") is None  # credit decides
 
 
 @pytest.mark.parametrize("kwargs, status", [
