@@ -294,6 +294,48 @@ class DrawdownRefunded(Strict):
     refunded_at: AwareDatetime
 
 
+# billing.commands (gateway -> billing), keyed by user_id.
+class ApplyRepayment(Strict):
+    """The gateway has taken `amount` from the wallet or card; billing allocates it."""
+    repayment_id: StrictStr
+    user_id: Identifier
+    amount: PositiveFen
+    requested_at: AwareDatetime
+
+
+# billing.events (billing -> gateway, credit), keyed by user_id.
+class AllocationLine(Strict):
+    item_id: StrictStr          # what was paid: a statement or an installment period
+    kind: Literal["statement", "installment", "open_cycle"]
+    statement_id: StrictStr | None
+    due_on: date | None
+    penalty: Fen
+    fee: Fen
+    principal: Fen
+
+
+class RepaymentAllocated(Strict):
+    """How a repayment was allocated (oldest due first; penalty, then fee, then principal).
+    The gateway sends principal to the lender, fee + penalty to billing, the overpayment back
+    to the wallet."""
+    repayment_id: StrictStr
+    user_id: Identifier
+    amount: PositiveFen
+    principal: Fen
+    fee: Fen
+    penalty: Fen
+    overpayment: Fen
+    lines: list[AllocationLine]
+
+
+class OverpaymentRefunded(Strict):
+    """A refund of an already repaid Huabei purchase: the excess goes to the buyer's wallet."""
+    user_id: Identifier
+    order_id: Identifier
+    refund_key: StrictStr
+    amount: PositiveFen
+
+
 # billing.events (billing -> credit), keyed by user_id: repayment behaviour and overdue status.
 class RepaymentApplied(Strict):
     user_id: Identifier
@@ -354,7 +396,9 @@ SCHEMAS: dict[str, dict[str, type[Strict]]] = {
     topics.CREDIT_COMMANDS: {m.__name__: m for m in (ReserveCredit, CommitCredit, CancelCredit, RestoreCredit)},
     topics.CREDIT_EVENTS: {m.__name__: m for m in (CreditReserved, CreditRefused, DrawdownCommitted,
                                                    DrawdownRefunded)},
-    topics.BILLING_EVENTS: {m.__name__: m for m in (RepaymentApplied, AccountOverdue, AccountSettled)},
+    topics.BILLING_COMMANDS: {m.__name__: m for m in (ApplyRepayment,)},
+    topics.BILLING_EVENTS: {m.__name__: m for m in (RepaymentApplied, AccountOverdue, AccountSettled,
+                                                    RepaymentAllocated, OverpaymentRefunded)},
     topics.RISK_REQUESTS: {m.__name__: m for m in (RiskCheckRequested, CardDeclined)},
     topics.RISK_DECISIONS: {m.__name__: m for m in (RiskDecided,)},
     topics.ESCROW_EVENTS: {m.__name__: m for m in (FundsHeld, HoldRefused, EscrowReleased, EscrowRefunded,
@@ -434,7 +478,7 @@ def write_schemas(folder: str) -> list[str]:
     out = pathlib.Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    models = [Envelope] + [m for by_type in SCHEMAS.values() for m in by_type.values()]
+    models = [Envelope] + [m for by_type in SCHEMAS.values() for m in by_type.values()] + [AllocationLine]
     for model in models:
         path = out / f"{model.__name__}.json"
         path.write_text(json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n")
