@@ -5,10 +5,12 @@ It reads every service's ledger (an operator's tool may; services never read eac
 tables) and checks that
   1. each ledger is consistent: cached account totals equal its transfers, posted debits equal
      posted credits, no wallet is overdrawn;
-  2. what the gateway handed to escrow equals what escrow received from the gateway, and what
-     the credit service lent through the gateway equals what the gateway took from the lender;
+  2. the services agree on what passed between them: the gateway and escrow on what escrow
+     holds for the gateway, the gateway and credit on what was lent through the gateway, the
+     gateway and billing on the Huabei fees and penalties paid;
   3. conservation: money in from the bank channel minus money out, plus what buyers owe on
-     Huabei, equals the sum of wallet balances, escrow holds and fee revenue.
+     Huabei (principal, fees, penalties), equals the sum of wallet balances, escrow holds,
+     repayments not yet allocated and fee revenue (merchant, withdrawal, installment, penalty).
 Money in flight between services (a message not yet consumed) shows as a difference in 2 and 3;
 --wait retries until the figures settle. Exit status 0 when all holds, 1 with the discrepancy.
 """
@@ -51,18 +53,20 @@ async def _sum(conn: asyncpg.Connection, schema: str, where: str, expr: str) -> 
 
 
 async def audit(dsns: dict[str, str] | None = None) -> Report:
-    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow", "credit")}
+    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow", "credit", "billing")}
     report = Report()
     credit_balance = "credits_posted - debits_posted"
     debit_balance = "debits_posted - credits_posted"
     gw = await asyncpg.connect(dsns["gateway"])
     es = await asyncpg.connect(dsns["escrow"])
     cr = await asyncpg.connect(dsns["credit"])
+    bi = await asyncpg.connect(dsns["billing"])
     try:
         async with gw.transaction(isolation="repeatable_read", readonly=True), \
                 es.transaction(isolation="repeatable_read", readonly=True), \
-                cr.transaction(isolation="repeatable_read", readonly=True):
-            for name, conn in (("gateway", gw), ("escrow", es), ("credit", cr)):
+                cr.transaction(isolation="repeatable_read", readonly=True), \
+                bi.transaction(isolation="repeatable_read", readonly=True):
+            for name, conn in (("gateway", gw), ("escrow", es), ("credit", cr), ("billing", bi)):
                 await conn.execute(f"SET LOCAL search_path = {name}")
                 report.problems += [f"{name} ledger: {p}" for p in await ledger.check(conn)]
             f = report.figures
@@ -78,9 +82,15 @@ async def audit(dsns: dict[str, str] | None = None) -> Report:
             f["huabei owed by buyers"] = await _sum(cr, "credit", "id LIKE 'loan:%'", debit_balance)
             f["lent through the gateway (credit ledger)"] = await _sum(cr, "credit", "id = 'gateway'", credit_balance)
             f["taken from the lender (gateway ledger)"] = await _sum(gw, "gateway", "id = 'lender'", debit_balance)
+            f["huabei fees and penalties owed"] = await _sum(bi, "billing", "id LIKE 'fees_receivable:%'", debit_balance)
+            f["installment fee revenue"] = await _sum(bi, "billing", "id = 'revenue:installment_fee'", credit_balance)
+            f["penalty revenue"] = await _sum(bi, "billing", "id = 'revenue:penalty'", credit_balance)
+            f["fees paid to billing (gateway ledger)"] = await _sum(gw, "gateway", "id = 'billing'", credit_balance)
+            f["fees received (billing ledger)"] = await _sum(bi, "billing", "id = 'gateway'", debit_balance)
+            f["repayments not yet allocated"] = await _sum(gw, "gateway", "id = 'repayments'", credit_balance)
             f["payments in flight (reserved)"] = await _sum(gw, "gateway", "id LIKE 'wallet:%'", "debits_pending")
     finally:
-        for conn in (gw, es, cr):
+        for conn in (gw, es, cr, bi):
             await conn.close()
     f = report.figures
     handed, received = f["handed to escrow (gateway ledger)"], f["received from gateway (escrow ledger)"]
@@ -89,11 +99,16 @@ async def audit(dsns: dict[str, str] | None = None) -> Report:
     lent, taken = f["lent through the gateway (credit ledger)"], f["taken from the lender (gateway ledger)"]
     if lent != taken:
         report.problems.append(f"the credit service lent {lent} fen through the gateway, the gateway took {taken} fen")
-    net_in = f["bank channel: money in"] - f["bank channel: money out"] + f["huabei owed by buyers"]
-    accounted = f["wallet balances"] + f["escrow holds"] + f["merchant fee revenue"] + f["withdrawal fee revenue"]
+    paid, received = f["fees paid to billing (gateway ledger)"], f["fees received (billing ledger)"]
+    if paid != received:
+        report.problems.append(f"the gateway paid {paid} fen of Huabei fees to billing, billing received {received} fen")
+    net_in = (f["bank channel: money in"] - f["bank channel: money out"] + f["huabei owed by buyers"]
+              + f["huabei fees and penalties owed"])
+    accounted = (f["wallet balances"] + f["escrow holds"] + f["repayments not yet allocated"] + f["merchant fee revenue"]
+                 + f["withdrawal fee revenue"] + f["installment fee revenue"] + f["penalty revenue"])
     if net_in != accounted:
-        report.problems.append(f"conservation: bank in - out + Huabei owed = {net_in}, but wallets + holds + fees = "
-                               f"{accounted} (difference {net_in - accounted})")
+        report.problems.append(f"conservation: bank in - out + Huabei owed = {net_in}, but wallets + holds + "
+                               f"repayments + fees = {accounted} (difference {net_in - accounted})")
     return report
 
 

@@ -28,7 +28,7 @@ def subscriptions(ctx: Context) -> list[Subscription]:
             "CancelCredit": handlers.cancel_credit, "RestoreCredit": handlers.restore_credit})),
         Subscription(topics.BILLING_EVENTS, bound({
             "RepaymentApplied": handlers.repayment_applied, "AccountOverdue": handlers.account_overdue,
-            "AccountSettled": handlers.account_settled})),
+            "AccountSettled": handlers.account_settled, "OverpaymentRefunded": handlers.overpayment_refunded})),
     ]
 
 

@@ -16,7 +16,8 @@ import structlog
 from services.credit import domain, store
 from shared import events, ledger, outbox, topics
 from shared.events import (AccountOverdue, AccountSettled, CancelCredit, CommitCredit, CreditRefused, CreditReserved,
-                           DrawdownCommitted, DrawdownRefunded, Envelope, PaymentSucceeded, RepaymentApplied,
+                           DrawdownCommitted, DrawdownRefunded, Envelope, OverpaymentRefunded, PaymentSucceeded,
+                           RepaymentApplied,
                            ReserveCredit, RestoreCredit, UserRegistered)
 from shared.runtime import Context
 
@@ -134,11 +135,22 @@ async def expire_reservations(ctx: Context, batch: int = 100) -> int:
 
 # ---------------------------------------------------------------- billing's news
 async def repayment_applied(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: RepaymentApplied) -> None:
+    """Repaid principal comes back to the lender (through the gateway) and to the line."""
     if e.principal:
         await store.move(conn, e.user_id, used=-e.principal)
+        await ledger.transfer(conn, f"repayment:{e.repayment_id}", "gateway", f"loan:{e.user_id}", e.principal,
+                              code="repayment", now=ctx.clock.now())
     await store.count_behaviour(conn, e.user_id, "on_time_repayments" if e.on_time else "late_repayments")
     await store.count_review_behaviour(conn, e.user_id, e.on_time)
     await refresh_score(ctx, conn, e.user_id)
+
+
+async def overpayment_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope,
+                               e: OverpaymentRefunded) -> None:
+    """A refund of a purchase the buyer had already repaid: the lender pays the excess out (the
+    gateway puts it in the wallet), which settles what the restore over-credited on the loan."""
+    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", f"loan:{e.user_id}", "gateway", e.amount,
+                          code="huabei_overpayment", order_id=e.order_id, now=ctx.clock.now())
 
 
 async def account_overdue(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: AccountOverdue) -> None:

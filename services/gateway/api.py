@@ -1,22 +1,25 @@
 """Gateway HTTP API (CONTRACT.md §6)."""
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from services.gateway import handlers, store
 from services.gateway.domain import Registration
 from shared import idempotency
-from shared.auth import Principal, principal
+from shared.auth import Principal, operator, principal
 from shared.errors import ApiError
 from shared.events import CardToken, Identifier, rfc3339
 from shared.http import ERRORS, ctx_of
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
+admin = APIRouter(prefix="/admin", responses=ERRORS, dependencies=[Depends(operator)])
 
 
 class NewUser(BaseModel):
@@ -148,6 +151,55 @@ async def get_wallet(user_id: str, request: Request, caller: Principal = Depends
     return {"user_id": user_id, "available": await handlers.wallet_available(pool, user_id), "currency": "CNY"}
 
 
+# ---------------------------------------------------------------- Huabei repayments
+class Repayment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Amount
+    source: Literal["balance", "bank_card"]
+    card_token: CardToken | None = None
+    idempotency_key: IdempotencyKey
+
+    @model_validator(mode="after")
+    def _card_only_for_cards(self) -> "Repayment":
+        if (self.source == "bank_card") != (self.card_token is not None):
+            raise ValueError("card_token is required with source bank_card and only then")
+        return self
+
+
+ALLOCATION_WAIT_SECONDS = 10
+
+
+@router.post("/huabei/{user_id}/repayments", status_code=201, tags=["huabei"],
+             responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"},
+                        409: {"description": "INSUFFICIENT_BALANCE or IDEMPOTENCY_CONFLICT"}})
+async def repay(user_id: str, body: Repayment, request: Request, caller: Principal = Depends(principal)):
+    """Take the repayment from the wallet or a card; billing allocates it (oldest due first;
+    penalty, then fee, then principal) and the answer says how. If billing has not answered
+    within 10 s the answer is 201 with status "pending"; asking again with the same
+    idempotency_key returns the allocation once it is known."""
+    caller.require_user(user_id)
+    ctx = ctx_of(request)
+
+    async def write(conn):
+        await _existing_user(conn, user_id)
+        return await handlers.take_repayment(ctx, conn, user_id, body.amount, body.source, body.card_token,
+                                             f"rp_{uuid.uuid4().hex}")
+    status, result = await idempotency.run_once(ctx.pool, f"repayment:{user_id}", body.idempotency_key,
+                                                body.model_dump(), write)
+    if status == 201:
+        deadline = asyncio.get_running_loop().time() + ALLOCATION_WAIT_SECONDS
+        while True:
+            row = await store.get_repayment(ctx.pool, result["repayment_id"])
+            if row["state"] == "allocated" or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if row["state"] == "allocated":
+            a = row["allocation"]
+            result = {**result, "status": "allocated", **{k: a[k] for k in ("principal", "fee", "penalty",
+                                                                             "overpayment", "lines")}}
+    return JSONResponse(status_code=status, content=result)
+
+
 # ---------------------------------------------------------------- payments
 class Payment(BaseModel):
     order_id: str
@@ -161,6 +213,9 @@ class Payment(BaseModel):
     reason_code: str | None
     message: str | None
     refunded: int
+    risk_decision: str | None
+    risk_rules: list[str] | None
+    risk_message: str | None
     released_gross: int | None
     fee_amount: int | None
     net_amount: int | None
@@ -177,3 +232,22 @@ async def get_payment(order_id: str, request: Request, caller: Principal = Depen
         raise ApiError(403, "FORBIDDEN", "only the buyer, the seller or the operator may read this payment")
     return {k: row[k] for k in Payment.model_fields if k not in ("accepted_at", "updated_at")} | {
         "accepted_at": rfc3339(row["accepted_at"]), "updated_at": rfc3339(row["updated_at"])}
+
+
+# ---------------------------------------------------------------- risk review (operators)
+class ReviewDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Literal["approve", "reject"]
+
+
+@admin.post("/payments/{order_id}/risk-review", tags=["risk"],
+            responses={409: {"description": "NOT_IN_REVIEW: the payment is not waiting for a review"}})
+async def review_payment(order_id: str, body: ReviewDecision, request: Request):
+    """An operator approves or rejects a payment the risk engine sent to review."""
+    ctx = ctx_of(request)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await handlers.review_decided(ctx, conn, order_id, body.decision == "approve"):
+            if await store.get_payment(conn, order_id) is None:
+                raise ApiError(404, "PAYMENT_NOT_FOUND", f"no payment for order {order_id}")
+            raise ApiError(409, "NOT_IN_REVIEW", f"the payment for order {order_id} is not waiting for a review")
+    return await get_payment(order_id, request, Principal(operator=True))

@@ -36,12 +36,15 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         "EscrowRefundRejected": handlers.escrow_refund_rejected,
     }
     credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused}
+    billing = {"RepaymentAllocated": handlers.repayment_allocated, "OverpaymentRefunded": handlers.overpayment_refunded}
     return [
         Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]}),
         Subscription(topics.ESCROW_EVENTS, {t: partial(h, ctx) for t, h in escrow.items()}),
         Subscription(topics.CREDIT_EVENTS, {t: partial(h, ctx) for t, h in credit.items()}),
+        Subscription(topics.BILLING_EVENTS, {t: partial(h, ctx) for t, h in billing.items()}),
+        Subscription(topics.RISK_DECISIONS, {"RiskDecided": partial(handlers.risk_decided, ctx)}),
     ]
 
 
-SPEC = ServiceSpec(name="gateway", migrations=Path(__file__).parent / "migrations", routers=[api.router],
+SPEC = ServiceSpec(name="gateway", migrations=Path(__file__).parent / "migrations", routers=[api.router, api.admin],
                    subscriptions=subscriptions, loops=[handlers.saga_worker], deps=deps)

@@ -21,6 +21,8 @@ class PaymentStatus(str, Enum):
 
 class SagaState(str, Enum):
     NEW = "NEW"
+    RISK_CHECK = "RISK_CHECK"  # waiting for the risk engine's decision
+    REVIEW = "REVIEW"          # the risk engine asked for an operator's review
     RESERVING = "RESERVING"  # huabei: waiting for the credit service to reserve the drawdown
     FUNDING = "FUNDING"      # waiting for the bank channel to charge the card
     HOLDING = "HOLDING"      # funded; HoldFunds sent, waiting for escrow's answer
@@ -29,7 +31,8 @@ class SagaState(str, Enum):
 
     @property
     def in_progress(self) -> bool:
-        return self in (SagaState.NEW, SagaState.RESERVING, SagaState.FUNDING, SagaState.HOLDING)
+        return self in (SagaState.NEW, SagaState.RISK_CHECK, SagaState.REVIEW, SagaState.RESERVING, SagaState.FUNDING,
+                        SagaState.HOLDING)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Rules:
     withdrawal_min_fee: int = 10
     channel_timeout_seconds: int = 30
     hold_retry_seconds: int = 30  # an unanswered command to escrow or credit is re-sent this often
+    risk_enabled: bool = True
+    risk_timeout_seconds: int = 5         # no decision by then: the fallback decides
+    risk_fallback_approve_max: int = 100_000  # fallback approves up to 1 000 yuan, rejects above
+    review_timeout_seconds: int = 1800    # a review nobody decides is rejected after 30 minutes
 
     @classmethod
     def from_env(cls) -> "Rules":
@@ -50,6 +57,10 @@ class Rules:
             withdrawal_min_fee=int(env("WITHDRAWAL_MIN_FEE_FEN", "10")),
             channel_timeout_seconds=int(env("BANK_CHANNEL_TIMEOUT_SECONDS", "30")),
             hold_retry_seconds=int(env("ESCROW_HOLD_RETRY_SECONDS", "30")),
+            risk_enabled=env("RISK_ENABLED", "true").lower() not in ("0", "false", "no"),
+            risk_timeout_seconds=int(env("RISK_DECISION_TIMEOUT_SECONDS", "5")),
+            risk_fallback_approve_max=int(env("RISK_FALLBACK_APPROVE_MAX_FEN", "100000")),
+            review_timeout_seconds=int(env("RISK_REVIEW_TIMEOUT_SECONDS", "1800")),
         )
 
 
@@ -88,6 +99,11 @@ def validation_failure(*, buyer_known: bool, seller_known: bool, method: str) ->
     if not seller_known:
         return "UNKNOWN_SELLER", "the seller is not a registered user"
     return None
+
+
+def risk_fallback(amount: int, rules: Rules) -> str:
+    """When the risk engine is down or slow: approve small payments, reject the rest."""
+    return "approve" if amount <= rules.risk_fallback_approve_max else "reject"
 
 
 def payment_status(*, amount: int, failed: bool, held: bool, released: bool, refunded: int) -> PaymentStatus:

@@ -5,7 +5,8 @@ so a state change, its ledger transfers and its events commit together.
 Ledger accounts (shared/ledger.py): `bank` (money at the bank channel: debit-normal),
 `lender` (money the credit service lent for Huabei orders, less what went back: debit-normal),
 `wallet:<user>` (what users own), `escrow` (what escrow holds for orders, plus the merchant fees
-it kept), `revenue:withdrawal_fee`.
+it kept), `billing` (Huabei fees and penalties paid, which are billing's revenue),
+`repayments` (repayments taken, not yet allocated by billing), `revenue:withdrawal_fee`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from services.gateway import domain, store
 from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
 from services.gateway.bank import ChargeResult
 from shared import events, ledger, outbox, topics
-from shared.events import (CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
+from shared.events import (ApplyRepayment, CardDeclined, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
                            CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
                            EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
                            HoldRefused, OrderCancelled, OrderConfirmed, OrderPlaced, OrderShipped, PaymentFailed,
@@ -112,6 +113,56 @@ async def withdraw(ctx: Context, conn: asyncpg.Connection, user_id: str, amount:
                  "currency": "CNY"}
 
 
+# ---------------------------------------------------------------- Huabei repayments
+async def take_repayment(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, source: str,
+                         card_token: str | None, repayment_id: str) -> tuple[int, dict]:
+    """Take the money (wallet or card) into `repayments` and ask billing to allocate it."""
+    now = ctx.clock.now()
+    transfer_id = f"repayment:{repayment_id}"
+    if source == "balance":
+        try:
+            await ledger.transfer(conn, transfer_id, wallet(user_id), "repayments", amount, code="repayment", now=now)
+        except InsufficientFunds:
+            available = await wallet_available(conn, user_id)
+            return 409, {"error": {"code": "INSUFFICIENT_BALANCE",
+                                   "message": f"the wallet has {available} fen available, the repayment is {amount} fen"}}
+    else:
+        result = await ctx.deps.bank.charge(transfer_id, card_token, amount)
+        if result is not ChargeResult.APPROVED:
+            if result is ChargeResult.NO_ANSWER:
+                await ctx.deps.bank.void(transfer_id)
+            code = "CARD_DECLINED" if result is ChargeResult.DECLINED else "CHANNEL_TIMEOUT"
+            return 402, {"error": {"code": code, "message": "the card was not charged"}}
+        await ledger.transfer(conn, transfer_id, "bank", "repayments", amount, code="repayment", now=now)
+    await store.insert_repayment(conn, repayment_id, user_id, amount, source, now)
+    await outbox.add(conn, topics.BILLING_COMMANDS, user_id, events.new_event(
+        ApplyRepayment(repayment_id=repayment_id, user_id=user_id, amount=amount, requested_at=now),
+        source=SOURCE, occurred_at=now, correlation_id=user_id))
+    return 201, {"repayment_id": repayment_id, "user_id": user_id, "amount": amount, "source": source,
+                 "status": "pending"}
+
+
+async def repayment_allocated(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: RepaymentAllocated) -> None:
+    """Each part where it belongs: principal to the lender, fees and penalties to billing, the
+    overpayment back to the wallet."""
+    repayment = await store.get_repayment(conn, e.repayment_id, lock=True)
+    if repayment is None or repayment["state"] == "allocated":
+        return
+    now = ctx.clock.now()
+    for part, account, amount in (("principal", "lender", e.principal), ("fees", "billing", e.fee + e.penalty),
+                                  ("overpayment", wallet(e.user_id), e.overpayment)):
+        if amount:
+            await ledger.transfer(conn, f"repayment:{e.repayment_id}:{part}", "repayments", account, amount,
+                                  code=f"repayment_{part}", now=now)
+    await store.allocate_repayment(conn, e.repayment_id, e.model_dump(mode="json"), now)
+
+
+async def overpayment_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: OverpaymentRefunded) -> None:
+    """A refund of an already repaid Huabei purchase: the lender pays the excess into the wallet."""
+    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", "lender", wallet(e.user_id), e.amount,
+                          code="huabei_overpayment", order_id=e.order_id, now=ctx.clock.now())
+
+
 # ---------------------------------------------------------------- upstream order events
 async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, data) -> None:
     """Every accepted orders.events record is kept; where it goes depends on its payment."""
@@ -167,26 +218,89 @@ async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, or
                                         method=order.payment_method)
     if failure:
         await _fail(ctx, conn, payment, *failure, cause=env.event_id)
-    elif order.payment_method == "balance":
+    elif ctx.deps.rules.risk_enabled:
+        await _ask_risk(ctx, conn, payment, cause=env.event_id)
+    else:
+        await _fund(ctx, conn, payment, cause=env.event_id)
+
+
+async def _ask_risk(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
+    """The risk engine decides before any money moves; its deadline is the saga's timer."""
+    now = ctx.clock.now()
+    buyer = await store.get_user(conn, payment["buyer_id"])
+    request = RiskCheckRequested(
+        order_id=payment["order_id"], buyer_id=payment["buyer_id"], seller_id=payment["seller_id"],
+        amount=payment["amount"], payment_method=payment["payment_method"], card_token=payment["card_token"],
+        accepted_at=payment["accepted_at"], buyer_registered_at=buyer["registered_at"] if buyer else None)
+    await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
+        request, source=SOURCE, occurred_at=now, correlation_id=payment["order_id"], causation_id=cause))
+    deadline = now + timedelta(seconds=ctx.deps.rules.risk_timeout_seconds)
+    await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.RISK_CHECK.value,
+                               next_action_at=deadline, deadline_at=deadline)
+
+
+async def _fund(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
+    """Move the buyer's money toward escrow: wallet (two-phase), Huabei (try) or card (worker)."""
+    now = ctx.clock.now()
+    order_id, method = payment["order_id"], payment["payment_method"]
+    if method == "balance":
         try:
             # Two-phase: reserved now, posted when escrow holds it, voided if the saga compensates.
-            await ledger.transfer(conn, f"payment:{order.order_id}", wallet(order.buyer_id), "escrow", order.amount,
-                                  code="payment", order_id=order.order_id, now=now, pending=True)
+            await ledger.transfer(conn, f"payment:{order_id}", wallet(payment["buyer_id"]), "escrow", payment["amount"],
+                                  code="payment", order_id=order_id, now=now, pending=True)
         except InsufficientFunds:
-            available = await wallet_available(conn, order.buyer_id)
+            available = await wallet_available(conn, payment["buyer_id"])
             await _fail(ctx, conn, payment, "INSUFFICIENT_BALANCE",
-                        f"the wallet has {available} fen available, the order needs {order.amount} fen",
-                        cause=env.event_id)
+                        f"the wallet has {available} fen available, the order needs {payment['amount']} fen",
+                        cause=cause)
             return
-        await _start_holding(ctx, conn, payment, cause=env.event_id)
-    elif order.payment_method == "huabei":
+        await _start_holding(ctx, conn, payment, cause=cause)
+    elif method == "huabei":
         # Try: the credit service reserves the drawdown; confirmed once escrow holds the money.
-        await _command_credit(ctx, conn, _reserve_command(payment), cause=env.event_id)
-        await store.update_payment(conn, order.order_id, now, saga_state=SagaState.RESERVING.value,
+        await _command_credit(ctx, conn, _reserve_command(payment), cause=cause)
+        await store.update_payment(conn, order_id, now, saga_state=SagaState.RESERVING.value,
                                    next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds))
     else:  # bank_card: the saga worker charges the card, outside this consumer's batch
-        await store.update_payment(conn, order.order_id, now, saga_state=SagaState.FUNDING.value, next_action_at=now,
+        await store.update_payment(conn, order_id, now, saga_state=SagaState.FUNDING.value, next_action_at=now,
                                    deadline_at=now + timedelta(seconds=ctx.deps.rules.channel_timeout_seconds))
+
+
+async def apply_risk_decision(ctx: Context, conn: asyncpg.Connection, payment: dict, decision: str, rules: list[str],
+                              message: str, *, cause: str | None) -> None:
+    """approve -> fund; reject -> RISK_REJECTED; review -> wait for an operator (or the deadline)."""
+    now = ctx.clock.now()
+    await store.update_payment(conn, payment["order_id"], now, risk_decision=decision, risk_rules=rules,
+                               risk_message=message)
+    if decision == "approve":
+        await _fund(ctx, conn, payment, cause=cause)
+    elif decision == "reject":
+        await _fail(ctx, conn, payment, "RISK_REJECTED", message, cause=cause)
+    else:
+        deadline = now + timedelta(seconds=ctx.deps.rules.review_timeout_seconds)
+        await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.REVIEW.value,
+                                   next_action_at=deadline, deadline_at=deadline)
+
+
+async def risk_decided(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: RiskDecided) -> None:
+    payment = await store.lock_payment(conn, e.order_id)
+    if payment is None or payment["saga_state"] != SagaState.RISK_CHECK.value:
+        return  # late (the fallback decided) or repeated
+    await apply_risk_decision(ctx, conn, payment, e.decision, list(e.rules), e.message, cause=env.event_id)
+
+
+async def review_decided(ctx: Context, conn: asyncpg.Connection, order_id: str, approve: bool) -> bool:
+    """An operator's decision on a payment held for review; False when it is not in review."""
+    payment = await store.lock_payment(conn, order_id)
+    if payment is None or payment["saga_state"] != SagaState.REVIEW.value:
+        return False
+    rules = list(payment["risk_rules"] or [])
+    if approve:
+        await apply_risk_decision(ctx, conn, payment, "approve", rules, "approved by an operator after review",
+                                  cause=None)
+    else:
+        await apply_risk_decision(ctx, conn, payment, "reject", rules,
+                                  f"rejected by an operator after review ({', '.join(rules)})", cause=None)
+    return True
 
 
 async def _start_holding(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
@@ -235,6 +349,20 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, payment: dict) -> No
     now = ctx.clock.now()
     order_id = payment["order_id"]
     state = SagaState(payment["saga_state"])
+    rules = ctx.deps.rules
+    if state is SagaState.RISK_CHECK:
+        # The engine is down or slow: the documented fallback keeps the saga moving.
+        decision = domain.risk_fallback(payment["amount"], rules)
+        await apply_risk_decision(
+            ctx, conn, payment, decision, ["risk_engine_timeout"],
+            f"risk engine did not answer within {rules.risk_timeout_seconds} s: fallback "
+            f"{'approves' if decision == 'approve' else 'rejects'} amounts "
+            f"{'up to' if decision == 'approve' else 'above'} {rules.risk_fallback_approve_max} fen", cause=None)
+        return
+    if state is SagaState.REVIEW:
+        await apply_risk_decision(ctx, conn, payment, "reject", list(payment["risk_rules"] or []),
+                                  f"review not decided within {rules.review_timeout_seconds} s", cause=None)
+        return
     if state is SagaState.RESERVING:
         log.warning("credit has not answered the reservation; re-sending", order_id=order_id)
         await _command_credit(ctx, conn, _reserve_command(payment), cause=None)
@@ -259,6 +387,11 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, payment: dict) -> No
         await _start_holding(ctx, conn, payment, cause=None)
     elif result is ChargeResult.DECLINED:
         await _fail(ctx, conn, payment, "CARD_DECLINED", "the bank declined the card", cause=None)
+        if rules.risk_enabled:  # the risk engine counts declines per card
+            declined = CardDeclined(order_id=order_id, buyer_id=payment["buyer_id"], card_token=payment["card_token"],
+                                    declined_at=now)
+            await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
+                declined, source=SOURCE, occurred_at=now, correlation_id=order_id))
     elif now >= payment["deadline_at"]:
         await bank.void(charge_id)  # whatever the channel may still do, nothing is charged
         await _fail(ctx, conn, payment, "CHANNEL_TIMEOUT",

@@ -62,7 +62,7 @@ async def update_payment(conn: asyncpg.Connection, order_id: str, now: datetime,
 
 async def due_sagas(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:
     rows = await conn.fetch(
-        """SELECT * FROM payments WHERE saga_state IN ('RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1
+        """SELECT * FROM payments WHERE saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1
            ORDER BY next_action_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
     return [dict(r) for r in rows]
 
@@ -104,3 +104,22 @@ async def insert_withdrawal(conn: asyncpg.Connection, user_id: str, key: str, am
 async def lock_wallet(conn: asyncpg.Connection, user_id: str) -> None:
     """Serialise one wallet's withdrawals (the fee depends on what was withdrawn before)."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('wallet:' || $1))", user_id)
+
+
+# ---------------------------------------------------------------- repayments
+async def insert_repayment(conn: asyncpg.Connection, repayment_id: str, user_id: str, amount: int, source: str,
+                           now: datetime) -> None:
+    await conn.execute(
+        """INSERT INTO repayments (repayment_id, user_id, amount, source, state, created_at, updated_at)
+           VALUES ($1, $2, $3, $4, 'requested', $5, $5)""", repayment_id, user_id, amount, source, now)
+
+
+async def get_repayment(conn: asyncpg.Connection | asyncpg.Pool, repayment_id: str, *, lock: bool = False) -> dict | None:
+    row = await conn.fetchrow(f"SELECT * FROM repayments WHERE repayment_id = $1{' FOR UPDATE' if lock else ''}",
+                              repayment_id)
+    return dict(row) if row else None
+
+
+async def allocate_repayment(conn: asyncpg.Connection, repayment_id: str, allocation: dict, now: datetime) -> None:
+    await conn.execute("UPDATE repayments SET state = 'allocated', allocation = $2, updated_at = $3 WHERE repayment_id = $1",
+                       repayment_id, allocation, now)

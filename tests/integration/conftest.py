@@ -97,7 +97,8 @@ def _port_free(url: str) -> bool:
 def service_env(infra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DANBAO_", "GATEWAY_", "ESCROW_", "CREDIT_", "BILLING_"))}
     env.update(KAFKA_BOOTSTRAP_SERVERS=infra.kafka, DATABASE_URL=infra.database_url, DANBAO_CLOCK="controllable",
-               DANBAO_API_TOKEN=API_TOKEN, DANBAO_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1")
+               DANBAO_API_TOKEN=API_TOKEN, DANBAO_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1",
+               RISK_ENABLED="false")
     return env
 
 
@@ -348,7 +349,7 @@ class Shop:
         assert (await self.api("gateway").post("/admin/clock", json={"advance_seconds": seconds})).status_code == 200
 
     async def audit(self):
-        dsns = {s: self.infra.database_url for s in ("gateway", "escrow", "credit")}
+        dsns = {s: self.infra.database_url for s in ("gateway", "escrow", "credit", "billing")}
         report = await audit_settled(15, dsns)
         assert report.ok, report.render()
 
