@@ -1,6 +1,6 @@
 import pytest
 
-from services.gateway.domain import (PaymentStatus, Registration, Route, Rules, SagaState, outcome_for_kept_event,
+from services.gateway.domain import (PaymentStatus, risk_fallback, Registration, Route, Rules, SagaState, outcome_for_kept_event,
                                      payment_status, registration_outcome, route_order_event, validation_failure,
                                      withdrawal_fee)
 
@@ -69,3 +69,14 @@ def test_kept_events_after_the_outcome():
     assert outcome_for_kept_event("OrderConfirmed", None) is Route.FORWARD
     assert outcome_for_kept_event("RefundRequested", "CARD_DECLINED") is Route.REJECT_NOT_PAID
     assert outcome_for_kept_event("OrderShipped", "CARD_DECLINED") is Route.IGNORE
+
+
+def test_risk_fallback_approves_small_payments_only():
+    assert risk_fallback(100_000, RULES) == "approve"
+    assert risk_fallback(100_001, RULES) == "reject"
+    assert Rules(risk_fallback_approve_max=0).risk_timeout_seconds == 5
+
+
+def test_risk_states_are_in_flight():
+    assert SagaState.RISK_CHECK.in_progress and SagaState.REVIEW.in_progress
+    assert route_order_event("OrderConfirmed", SagaState.REVIEW) is Route.KEEP
