@@ -120,7 +120,8 @@ class Demo:
         clock = await self.http["gateway"].get("/admin/clock")
         controllable = clock.status_code == 200
 
-        buyers = [f"buyer-{self.run}-{i}" for i in range(12)]
+        # Enough buyers that none trips the risk engine's velocity rule (20 orders a minute).
+        buyers = [f"buyer-{self.run}-{i}" for i in range(max(12, self.orders // 8))]
         sellers = [f"seller-{self.run}-{i}" for i in range(4)]
         poor = f"poor-{self.run}"
         print(f"== run {self.run}: registering {len(buyers)} buyers, {len(sellers)} sellers and one buyer with 1 yuan")
@@ -134,12 +135,16 @@ class Demo:
                 await asyncio.sleep(0.05)
         print(f"   all profiles reached the credit service through Kafka in {time.monotonic() - started:.2f}s")
         await asyncio.gather(*(self.top_up(u, 5_000_000) for u in buyers), self.top_up(poor, 100))
+        for u in buyers:
+            response = await self.http["credit"].post(f"/v1/huabei/{u}/activation")
+            response.raise_for_status()
+        print("   topped up the buyers' wallets and activated Huabei for them")
 
         print(f"== publishing {self.orders} orders and their follow-ups to orders.events")
         follow_ups: list[tuple[str, dict]] = []
         auto_confirm: list[str] = []
-        kinds = ["confirmed", "confirmed", "card_confirmed", "shipped_auto", "cancelled", "partial_refund",
-                 "refund_after_release", "declined", "insufficient", "silent_card", "held"]
+        kinds = ["confirmed", "huabei_confirmed", "card_confirmed", "shipped_auto", "cancelled", "partial_refund",
+                 "refund_after_release", "declined", "insufficient", "silent_card", "held", "huabei_refunded"]
         for i in range(self.orders):
             kind = kinds[i % len(kinds)]
             buyer, seller = self.rng.choice(buyers), self.rng.choice(sellers)
@@ -147,6 +152,13 @@ class Demo:
             if kind == "confirmed":
                 o = await self.place(kind, buyer, seller, amount, "balance", 2)
                 follow_ups.append(("OrderConfirmed", {"order_id": o}))
+            elif kind == "huabei_confirmed":
+                o = await self.place(kind, buyer, seller, amount // 10, "huabei", 2,
+                                     installments=self.rng.choice([1, 3, 6]))
+                follow_ups.append(("OrderConfirmed", {"order_id": o}))
+            elif kind == "huabei_refunded":
+                o = await self.place(kind, buyer, seller, amount // 10, "huabei", 2)
+                follow_ups.append(("OrderCancelled", {"order_id": o, "reason": "out of stock"}))
             elif kind == "card_confirmed":
                 o = await self.place(kind, buyer, seller, amount, "bank_card", 2, card_token="tok_demo_visa")
                 follow_ups.append(("OrderConfirmed", {"order_id": o}))

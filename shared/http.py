@@ -3,7 +3,6 @@ test clock's /admin/clock, and request metrics."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request

@@ -515,3 +515,55 @@ def conversion_refusal(*, issued: bool, converted: bool, due_on: date, outstandi
     if outstanding_principal <= 0:
         return "STATEMENT_NOTHING_OWED", "nothing is owed on the statement"
     return None
+
+
+# ---------------------------------------------------------------- helpers of the billing service
+def statement_id(user_id: str, period: Period) -> str:
+    """The statement of `user_id`'s cycle `period`: deterministic, so the open cycle shows the id
+    its statement will have, e.g. "S202612-u-1"."""
+    return f"S{period.year:04d}{period.month:02d}-{user_id}"
+
+
+def parse_statement_id(text: str) -> tuple[Period, str] | None:
+    """statement_id -> (period, user_id), or None when `text` is not a statement id."""
+    if len(text) < 9 or text[0] != "S" or text[7] != "-" or not text[1:7].isdigit():
+        return None
+    try:
+        period = Period(int(text[1:5]), int(text[5:7]))
+    except ValueError:
+        return None
+    return period, text[8:]
+
+
+def statement_period_for_due(due_on: date, rules: BillingRules) -> Period:
+    """The cycle whose statement is due on `due_on` (an installment period due that day is billed
+    on that statement). ValueError when no statement is due that day."""
+    period = Period(due_on.year, due_on.month).prev()
+    if statement_due_date(period, rules) != due_on:
+        raise ValueError(f"no statement is due on {due_on}")
+    return period
+
+
+def days_overdue(oldest_due: date, now: datetime, rules: BillingRules) -> int:
+    """How many days late the oldest unpaid item is, counting the day running: 1 on the first
+    overdue day (the day after the due day), 18 at 00:00:01 on the 28th for an item due on the 10th
+    (whose 11th ... 27th have been charged). 0 when it is not overdue."""
+    return max(0, (business_date(now, rules) - oldest_due).days)
+
+
+def repaid_on_time(due_dates: Iterable[date], now: datetime, rules: BillingRules) -> bool:
+    """RepaymentApplied.on_time: nothing the repayment paid was past its due day at `now` (it paid
+    no overdue item and hence no penalty). Paying ahead (the open cycle, later installments) is on time."""
+    today = business_date(now, rules)
+    return all(today <= due for due in due_dates)
+
+
+def next_check_at(next_issue: Period, oldest_unpaid_due: date | None, now: datetime, rules: BillingRules) -> datetime:
+    """When the billing timer next has something to do for a user: issue the statement of
+    `next_issue`, or, for the oldest billed item still owed, make it overdue (00:00 after its due
+    day) or, once it is overdue, charge the day that is running (00:00 tomorrow)."""
+    moment = statement_issue_at(next_issue, rules)
+    if oldest_unpaid_due is not None:
+        today = business_date(now, rules)
+        moment = min(moment, day_start(max(oldest_unpaid_due, today) + timedelta(days=1), rules))
+    return moment

@@ -12,7 +12,7 @@ the credit service has seen in events, clamped to the range:
     successful payments                    +1 each, at most +100
     on-time repayments                     +5 each, at most +120
     late repayments                        −25 each
-    days overdue (all time)                −2 per day, at most −360
+    days overdue (longest stretch seen)    −2 per day, at most −360
 
 Each behaviour term only moves one way, so more on-time repayment never lowers the score and
 an overdue day or a late repayment never raises it (the clamp keeps that true).

@@ -148,7 +148,9 @@ async def repayment_applied(ctx: Context, conn: asyncpg.Connection, env: Envelop
 async def overpayment_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope,
                                e: OverpaymentRefunded) -> None:
     """A refund of a purchase the buyer had already repaid: the lender pays the excess out (the
-    gateway puts it in the wallet), which settles what the restore over-credited on the loan."""
+    gateway puts it in the wallet), which settles what the restore over-credited on the loan and
+    on the line (the repayment had already given that principal back)."""
+    await store.move(conn, e.user_id, used=e.amount)
     await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", f"loan:{e.user_id}", "gateway", e.amount,
                           code="huabei_overpayment", order_id=e.order_id, now=ctx.clock.now())
 

@@ -83,7 +83,7 @@ async def try_reserve(conn: asyncpg.Connection, user_id: str, amount: int) -> bo
 
 async def move(conn: asyncpg.Connection, user_id: str, *, reserved: int = 0, used: int = 0) -> None:
     await conn.execute(
-        "UPDATE huabei_accounts SET reserved = reserved + $2, used = GREATEST(used + $3, 0) WHERE user_id = $1",
+        "UPDATE huabei_accounts SET reserved = reserved + $2, used = used + $3 WHERE user_id = $1",
         user_id, reserved, used)
 
 

@@ -23,7 +23,7 @@ from shared import events, ledger, outbox, topics
 from shared.events import (ApplyRepayment, CardDeclined, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
                            CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
                            EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
-                           HoldRefused, OrderCancelled, OrderConfirmed, OrderPlaced, OrderShipped, PaymentFailed,
+                           HoldRefused, OrderPlaced, PaymentFailed,
                            PaymentSucceeded, RefundCompleted, RefundOrder, RefundRejected, RefundRequested, ShipOrder,
                            UserRegistered)
 from shared.ledger import InsufficientFunds

@@ -31,8 +31,12 @@ JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 SERVICES = ("gateway", "escrow", "credit", "billing")
 
 
+RISK_URL = "http://127.0.0.1:8005"
+RISK_APP_ID = f"risk-engine-test-{uuid.uuid4().hex[:8]}"
+
+
 def url_of(name: str) -> str:
-    return settings_mod.DEFAULT_URLS[name]
+    return RISK_URL if name == "risk" else settings_mod.DEFAULT_URLS[name]
 
 
 class ServiceProcess:
@@ -98,16 +102,20 @@ def service_env(infra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DANBAO_", "GATEWAY_", "ESCROW_", "CREDIT_", "BILLING_"))}
     env.update(KAFKA_BOOTSTRAP_SERVERS=infra.kafka, DATABASE_URL=infra.database_url, DANBAO_CLOCK="controllable",
                DANBAO_API_TOKEN=API_TOKEN, DANBAO_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1",
-               RISK_ENABLED="false")
+               # The risk engine's windows live in Kafka, which outlives the session's fresh
+               # database and test clock: each session gets its own engine (consumer group and
+               # state), starting at the end of risk.requests rather than replaying old sessions.
+               RISK_APP_ID=RISK_APP_ID, RISK_FAUST_CONSUMER_AUTO_OFFSET_RESET="latest")
     return env
 
 
 @pytest.fixture(scope="session")
 async def services(service_env) -> dict[str, ServiceProcess]:
-    busy = [n for n in SERVICES if not _port_free(url_of(n))]
+    busy = [n for n in (*SERVICES, "risk") if not _port_free(url_of(n))]
     if busy:
         pytest.exit(f"ports of {busy} are in use: stop running services first (./danbao down)", returncode=3)
-    procs = {n: ServiceProcess(n, service_env) for n in SERVICES}
+    # The four services and the risk engine (a faust worker; the payment saga asks it first).
+    procs = {n: ServiceProcess(n, service_env) for n in (*SERVICES, "risk")}
     for p in procs.values():
         p.start()
     await asyncio.gather(*(p.wait_healthy(90) for p in procs.values()))

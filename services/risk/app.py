@@ -1,0 +1,398 @@
+"""The risk engine as a faust-streaming application: agents, tables, the web server.
+
+Pipeline (see README.md in this package for the why):
+
+    risk.requests (key buyer_id, public to the gateway)
+      └─ agent `route`: decode (bad records -> risk.requests.dlq), repartition
+           ├─ CardDeclined, and RiskCheckRequested with a card ─▶ <app>-by-card   (key card_token)
+           └─ RiskCheckRequested without a card ───────────────▶ <app>-by-buyer  (key buyer_id)
+    <app>-by-card  └─ agent `card_stage`: table `cards` (declines, attempts); annotate the request
+                      with the card's decline count ─▶ <app>-by-buyer (key buyer_id)
+    <app>-by-buyer └─ agent `buyer_stage`: table `buyers` (velocity + amount windows, decided
+                      event ids), table `pairs` (first-seen of buyer–seller); decide ─▶
+                      risk.decisions (key order_id), and ─▶ <app>-by-seller (key seller_id)
+    <app>-by-seller└─ agent `seller_stage`: table `sellers` (count/amount windows), logged
+
+Every table is a plain faust Table (memory store) backed by a compacted changelog topic
+`<app>-<table>-changelog`; each is written only by the agent whose input topic is keyed by
+the table's key, so a key's changelog records all land in one partition and a restart (or
+another worker taking the partition over) rebuilds exactly that state.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from shared import events, topics
+from shared.events import CardDeclined, DecodeError, RiskDecided
+from services.risk import domain
+
+log = structlog.get_logger("risk")
+
+SOURCE = "risk-engine"
+
+DECISIONS = Counter("danbao_risk_decisions_total", "Risk decisions published", ["decision"])
+RULES_FIRED = Counter("danbao_risk_rules_fired_total", "Risk rules that fired", ["rule"])
+RECORDS = Counter("danbao_risk_records_total", "risk.requests records, by outcome",
+                  ["outcome"])  # routed | dead_letter | duplicate
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    kafka_bootstrap_servers: str
+    partitions: int
+    app_id: str
+    web_host: str
+    web_port: int
+    log_level: str
+    data_dir: str
+    instance_id: str | None  # Kafka static membership: a restarted worker rejoins at once
+    rules: domain.RiskSettings
+
+    @classmethod
+    def from_env(cls) -> "EngineSettings":
+        return cls(
+            kafka_bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            partitions=int(_env("KAFKA_TOPIC_PARTITIONS", "4")),
+            app_id=_env("RISK_APP_ID", "risk-engine"),
+            web_host=_env("RISK_WEB_HOST", _env("HTTP_HOST", "127.0.0.1")),
+            web_port=int(_env("RISK_WEB_PORT", "8005")),
+            log_level=_env("RISK_LOG_LEVEL", "INFO").upper(),
+            data_dir=_env("RISK_DATA_DIR", "/tmp/danbao-risk"),
+            instance_id=os.environ.get("RISK_INSTANCE_ID", "").strip() or None,
+            rules=domain.RiskSettings.from_env(),
+        )
+
+    @property
+    def broker(self) -> str:
+        return ";".join(f"kafka://{h.strip()}" for h in self.kafka_bootstrap_servers.split(",") if h.strip())
+
+    def internal_topic(self, suffix: str) -> str:
+        return f"{self.app_id}-{suffix}"
+
+
+def dead_letter_headers(message: Any, code: str, text: str) -> list[tuple[str, bytes]]:
+    # The same headers as shared.consumer.dead_letter_headers.
+    return [
+        ("error.code", code.encode()),
+        ("error.message", text[:2000].encode()),
+        ("original.topic", message.topic.encode()),
+        ("original.partition", str(message.partition).encode()),
+        ("original.offset", str(message.offset).encode()),
+    ]
+
+
+def _decode(raw: str) -> tuple[events.Envelope, Any]:
+    return events.decode(raw.encode(), events.SCHEMAS[topics.RISK_REQUESTS], topics.RISK_REQUESTS)
+
+
+def build(settings: EngineSettings) -> faust.App:
+    rules = settings.rules
+    n = settings.partitions
+    app = faust.App(
+        settings.app_id,
+        # faust reads its settings from the environment too, and the environment would win over
+        # the values given here (WEB_PORT, BROKER_URL, TOPIC_PARTITIONS …): only RISK_FAUST_<NAME>
+        # variables can override faust settings (an escape hatch, e.g. RISK_FAUST_STREAM_BUFFER_MAXSIZE).
+        env_prefix="RISK_FAUST_",
+        broker=settings.broker,
+        store="memory://",  # state is rebuilt from the changelog topics on start
+        datadir=settings.data_dir,
+        topic_partitions=n,
+        topic_replication_factor=1,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        # Small group timeouts: a (re)started worker is ready in seconds, a crashed one is
+        # replaced after ~10 s instead of a minute.
+        broker_session_timeout=10,
+        broker_heartbeat_interval=3,
+        broker_rebalance_timeout=10,
+        broker_commit_interval=1.0,
+        consumer_group_instance_id=settings.instance_id,
+        producer_acks=-1,
+        producer_linger=0.002,
+        processing_guarantee="at_least_once",  # + event_id dedupe, see README.md
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        autodiscover=False,
+    )
+
+    requests_topic = app.topic(topics.RISK_REQUESTS, key_serializer="raw", value_serializer="raw")
+    decisions_topic = app.topic(topics.RISK_DECISIONS, key_serializer="raw", value_serializer="raw")
+    dlq_topic = app.topic(topics.dlq(topics.RISK_REQUESTS), key_serializer="raw", value_serializer="raw")
+
+    def internal(suffix: str) -> faust.TopicT:
+        return app.topic(settings.internal_topic(suffix), internal=True, partitions=n,
+                         key_serializer="raw", value_serializer="json")
+
+    by_card, by_buyer, by_seller = internal("by-card"), internal("by-buyer"), internal("by-seller")
+
+    def table(name: str, help_: str) -> faust.Table:
+        # keys are bytes (raw, hashed like the topic keys), values JSON
+        return app.Table(name, default=None, partitions=n, key_type=bytes, help=help_)
+
+    cards = table("cards", "card_token -> CardState: declines within the window, payment attempts")
+    buyers = table("buyers", "buyer_id -> BuyerState: velocity window, accepted amounts, decided event ids")
+    pairs = table("pairs", "buyer_id/seller_id -> first time (ms) the buyer ordered from the seller")
+    sellers = table("sellers", "seller_id -> SellerState: orders and accepted amounts in 1 min / 1 h / 24 h")
+
+    # ------------------------------------------------------------ stage 1: decode + route
+    @app.agent(requests_topic, name="route")
+    async def route(stream):
+        async for event in stream.events():
+            msg = event.message
+            try:
+                env, data = events.decode(msg.value, events.SCHEMAS[topics.RISK_REQUESTS], msg.topic)
+            except DecodeError as exc:
+                RECORDS.labels(outcome="dead_letter").inc()
+                log.warning("record dead-lettered", topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                            error_code=exc.code, error_message=exc.message)
+                await dlq_topic.send(key=msg.key, value=msg.value,
+                                     headers=dead_letter_headers(msg, exc.code, exc.message))
+                continue
+            try:
+                payload = {"raw": msg.value.decode()}
+                if isinstance(data, CardDeclined) or data.card_token is not None:
+                    await by_card.send(key=data.card_token.encode(), value=payload)
+                else:
+                    await by_buyer.send(key=data.buyer_id.encode(), value={**payload, "card": None})
+            except Exception as exc:  # a bug: park the record, keep the stream moving
+                RECORDS.labels(outcome="dead_letter").inc()
+                log.exception("routing failed; record dead-lettered", event_id=env.event_id)
+                await dlq_topic.send(key=msg.key, value=msg.value,
+                                     headers=dead_letter_headers(msg, "HANDLER_ERROR", f"{type(exc).__name__}: {exc}"))
+                continue
+            RECORDS.labels(outcome="routed").inc()
+
+    # ------------------------------------------------------------ stage 2: per card
+    @app.agent(by_card, name="card_stage")
+    async def card_stage(stream):
+        async for payload in stream:
+            try:
+                await on_card_record(payload)
+            except Exception:  # a bug: log it and go on (the gateway's deadline covers the request)
+                log.exception("card stage failed on a record; skipped", record=str(payload)[:500])
+
+    async def on_card_record(payload: dict) -> None:
+        env, data = _decode(payload["raw"])
+        key = data.card_token.encode()
+        state = domain.CardState.from_json(cards.get(key))
+        if isinstance(data, CardDeclined):
+            state, duplicate = domain.card_decline(state, env.event_id, data.declined_at, rules)
+            if duplicate:
+                RECORDS.labels(outcome="duplicate").inc()
+                return
+            cards[key] = state.to_json()
+            log.info("card decline recorded", event_id=env.event_id, card_token=data.card_token,
+                     order_id=data.order_id, buyer_id=data.buyer_id,
+                     declines=state.decline_count(domain.to_ms(data.declined_at), rules))
+            return
+        at = domain.to_ms(data.accepted_at)
+        new_state, declines = domain.card_request(state, env.event_id, data.amount, data.accepted_at, rules)
+        if new_state is not state:
+            cards[key] = new_state.to_json()
+        card = {"declines": declines, "stats": new_state.stats(at)}
+        await by_buyer.send(key=data.buyer_id.encode(), value={**payload, "card": card})
+
+    # ------------------------------------------------------------ stage 3: per buyer, decide
+    @app.agent(by_buyer, name="buyer_stage")
+    async def buyer_stage(stream):
+        async for payload in stream:
+            try:
+                await on_buyer_record(payload)
+            except Exception:
+                log.exception("buyer stage failed on a record; skipped", record=str(payload)[:500])
+
+    async def on_buyer_record(payload: dict) -> None:
+        env, req = _decode(payload["raw"])
+        card = payload.get("card") or {}
+        key = req.buyer_id.encode()
+        state = domain.BuyerState.from_json(buyers.get(key))
+        request = domain.Request(amount=req.amount, accepted_at=req.accepted_at,
+                                 buyer_registered_at=req.buyer_registered_at, card_token=req.card_token)
+        state, decision, duplicate = domain.buyer_apply(state, env.event_id, request, card.get("declines", 0), rules)
+        at = domain.to_ms(req.accepted_at)
+        pair_key = f"{req.buyer_id}/{req.seller_id}".encode()
+        first_seen = pairs.get(pair_key)
+        if not duplicate:
+            buyers[key] = state.to_json()
+            if first_seen is None or at < first_seen:
+                pairs[pair_key] = at
+        record = events.new_event(
+            RiskDecided(order_id=req.order_id, decision=decision.decision, rules=list(decision.rules),
+                        message=decision.message),
+            source=SOURCE, occurred_at=req.accepted_at, correlation_id=req.order_id,
+            causation_id=env.event_id, event_id=domain.decision_event_id(env.event_id))
+        await decisions_topic.send(key=req.order_id.encode(), value=events.encode(record))
+        if duplicate:
+            RECORDS.labels(outcome="duplicate").inc()
+            log.info("duplicate request: decision sent again", event_id=env.event_id, order_id=req.order_id,
+                     decision=decision.decision)
+            return
+        DECISIONS.labels(decision=decision.decision).inc()
+        for rule in decision.rules:
+            RULES_FIRED.labels(rule=rule).inc()
+        orders, amount = state.windows(at, rules)
+        log.info("risk decided", event_id=env.event_id, correlation_id=req.order_id, order_id=req.order_id,
+                 buyer_id=req.buyer_id, seller_id=req.seller_id, amount=req.amount, decision=decision.decision,
+                 rules=list(decision.rules), message=decision.message,
+                 buyer={"orders_in_velocity_window": orders, "accepted_amount_in_daily_window": amount,
+                        "accepted": state.stats(at)},
+                 card=card or None, pair_first_seen_ms=first_seen if first_seen is not None else at,
+                 new_pair=first_seen is None)
+        await by_seller.send(key=req.seller_id.encode(),
+                             value={"raw": payload["raw"], "decision": decision.decision})
+
+    # ------------------------------------------------------------ stage 4: per seller (statistics)
+    @app.agent(by_seller, name="seller_stage")
+    async def seller_stage(stream):
+        async for payload in stream:
+            try:
+                env, req = _decode(payload["raw"])
+                key = req.seller_id.encode()
+                state = domain.SellerState.from_json(sellers.get(key))
+                new_state = domain.seller_add(state, env.event_id, req.amount, req.accepted_at, payload["decision"])
+                if new_state is state:
+                    continue
+                sellers[key] = new_state.to_json()
+                log.info("seller window", seller_id=req.seller_id, order_id=req.order_id,
+                         **new_state.stats(domain.to_ms(req.accepted_at)))
+            except Exception:
+                log.exception("seller stage failed on a record; skipped", record=str(payload)[:500])
+
+    # ------------------------------------------------------------ web: health, metrics, state
+    def ready() -> bool:
+        return app.tables.recovery.completed.is_set() and not app.rebalancing
+
+    @app.page("/health")
+    async def health(web, request):
+        ok = ready()
+        return web.json({"status": "ok" if ok else "starting", "app_id": settings.app_id},
+                        status=200 if ok else 503)
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/settings")
+    async def show_settings(web, request):
+        return web.json(rules.describe())
+
+    def state_page(path: str, tbl: faust.Table, param: str, render):
+        @app.page(path, name=f"state_{tbl.name}")
+        @app.table_route(table=tbl, match_info=param)
+        async def view(web, request, **kwargs):
+            key = request.match_info[param]
+            value = tbl.get(key.encode())
+            if value is None:
+                return web.json({"error": {"code": "NOT_FOUND", "message": f"no state for {key}"}}, status=404)
+            return web.json(render(value))
+        return view
+
+    def render_buyer(value):
+        s = domain.BuyerState.from_json(value)
+        orders, amount = s.windows(s.newest, rules)
+        return {"newest_ms": s.newest, "orders_in_velocity_window": orders,
+                "accepted_amount_in_daily_window": amount, "accepted": s.stats(s.newest), "state": value}
+
+    def render_card(value):
+        s = domain.CardState.from_json(value)
+        return {"newest_ms": s.newest, "declines_in_window": s.decline_count(s.newest, rules),
+                "attempts": s.stats(s.newest)}
+
+    def render_seller(value):
+        s = domain.SellerState.from_json(value)
+        return {"newest_ms": s.newest, **s.stats(s.newest)}
+
+    state_page("/buyers/{buyer_id}", buyers, "buyer_id", render_buyer)
+    state_page("/cards/{card_token}", cards, "card_token", render_card)
+    state_page("/sellers/{seller_id}", sellers, "seller_id", render_seller)
+
+    @app.task
+    async def announce_ready():
+        # on_started tasks run once table recovery has completed: the engine consumes now.
+        log.info("risk engine ready", app_id=settings.app_id, web=f"http://{settings.web_host}:{settings.web_port}",
+                 rules=rules.describe())
+
+    return app
+
+
+# ---------------------------------------------------------------- the process
+async def _ensure_topics(settings: EngineSettings, timeout: float = 60.0) -> None:
+    """The public topics (+ .dlq) and the engine's repartition topics; faust declares the
+    changelog topics itself (and would the internal ones too; creating them here first makes
+    a missing-topic problem show up before the worker starts)."""
+    import asyncio
+    import time
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from shared.kafka import ensure_topics
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await ensure_topics(settings.kafka_bootstrap_servers, [topics.RISK_REQUESTS, topics.RISK_DECISIONS],
+                                settings.partitions)
+            admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+            await admin.start()
+            try:
+                wanted = {settings.internal_topic(s) for s in ("by-card", "by-buyer", "by-seller")}
+                missing = sorted(wanted - set(await admin.list_topics()))
+                if missing:
+                    try:
+                        await admin.create_topics([NewTopic(t, num_partitions=settings.partitions, replication_factor=1)
+                                                   for t in missing])
+                    except TopicAlreadyExistsError:
+                        pass
+            finally:
+                await admin.close()
+            return
+        except Exception as exc:  # Kafka not up yet: wait for it a while, then give up
+            if time.monotonic() > deadline:
+                raise
+            log.warning("kafka not ready, retrying", error=repr(exc))
+            await asyncio.sleep(1)
+
+
+def main() -> None:
+    import asyncio
+    import logging
+
+    from shared import logs
+
+    settings = EngineSettings.from_env()
+    logs.configure(SOURCE, settings.log_level)
+    # faust/mode are chatty at INFO (every rebalance, every recovery step): warnings only.
+    for noisy in ("faust", "mode", "aiokafka", "kafka", "aiohttp.access", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log.info("starting", kafka=settings.kafka_bootstrap_servers, app_id=settings.app_id,
+             partitions=settings.partitions, web_port=settings.web_port)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_ensure_topics(settings))
+    finally:
+        loop.close()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+    app = build(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False,
+                          redirect_stdouts=False)
+    worker.spinner = None
+    worker.execute_from_commandline()
