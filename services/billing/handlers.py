@@ -50,7 +50,6 @@ penalty money received through the gateway, debit-normal). Principal is the cred
 """
 from __future__ import annotations
 
-import asyncio
 from datetime import date, datetime, timedelta
 
 import asyncpg
@@ -58,7 +57,7 @@ import structlog
 
 from services.billing import domain, store
 from services.billing.domain import InstallmentPeriod, Owed, Period, PlanPeriod
-from shared import events, ledger, outbox, topics
+from shared import events, ledger, outbox, timers, topics
 from shared.consumer import TRANSIENT
 from shared.errors import ApiError
 from shared.events import (AccountOverdue, AccountSettled, AllocationLine, ApplyRepayment, DrawdownCommitted,
@@ -459,17 +458,9 @@ async def timer_loop(ctx: Context) -> None:
     """Statement issuing, overdue penalties and freezing: every second, and at once when the test
     clock moves here. The due moments are columns (accounts.next_check_at and the cursors), so a
     restart loses nothing and nothing fires twice."""
-    while True:
-        ctx.clock_moved.clear()  # before the scan: a move during it triggers the next one
-        try:
-            if ctx.clock.controllable:
-                await ctx.clock.refresh()
-            selected, done = await run_due(ctx)
-            if selected == done == TIMER_BATCH:
-                continue  # more may be due right now
-        except Exception:  # never let the timer die (CancelledError is not an Exception)
-            log.exception("billing timer scan failed; retrying")
-        try:
-            await asyncio.wait_for(ctx.clock_moved.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
-            pass
+    async def scan() -> bool:
+        if ctx.clock.controllable:
+            await ctx.clock.refresh()
+        selected, done = await run_due(ctx)
+        return selected == done == TIMER_BATCH  # more may be due right now
+    await timers.run(ctx, scan, name="billing")

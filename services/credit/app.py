@@ -33,5 +33,5 @@ def subscriptions(ctx: Context) -> list[Subscription]:
 
 
 SPEC = ServiceSpec(name="credit", migrations=Path(__file__).parent / "migrations", routers=[api.router],
-                   subscriptions=subscriptions, loops=[handlers.timers],
+                   subscriptions=subscriptions, loops=[handlers.run_timers],
                    deps=lambda settings: Deps(review=ReviewRules.from_env()))

@@ -6,7 +6,6 @@ and `gateway` (money lent out through the gateway for orders, less what came bac
 """
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
@@ -14,7 +13,7 @@ import asyncpg
 import structlog
 
 from services.credit import domain, store
-from shared import events, ledger, outbox, topics
+from shared import events, ledger, outbox, timers, topics
 from shared.events import (AccountOverdue, AccountSettled, CancelCredit, CommitCredit, CreditRefused, CreditReserved,
                            DrawdownCommitted, DrawdownRefunded, Envelope, OverpaymentRefunded, PaymentSucceeded,
                            RepaymentApplied,
@@ -184,12 +183,10 @@ async def review_limits(ctx: Context, batch: int = 100) -> int:
     return len(due)
 
 
-async def timers(ctx: Context) -> None:
+async def run_timers(ctx: Context) -> None:
     """Reservation expiry and limit reviews: due times are columns, so they survive restarts."""
-    while True:
-        for job in (expire_reservations, review_limits):
-            try:
-                await job(ctx)
-            except Exception:
-                log.exception("credit timer failed", job=job.__name__)
-        await asyncio.sleep(1)
+    async def scan() -> bool:
+        expired = await expire_reservations(ctx)
+        reviewed = await review_limits(ctx)
+        return expired >= 100 or reviewed >= 100
+    await timers.run(ctx, scan, name="credit timers")

@@ -3,14 +3,13 @@ auto-confirm timer. Each locks the order's row, asks the domain for a decision a
 state, ledger, refund record and outgoing events (outbox) in the same transaction."""
 from __future__ import annotations
 
-import asyncio
 
 import asyncpg
 import structlog
 
 from services.escrow import domain, store
 from services.escrow.domain import Decision, FeeRates
-from shared import events, ledger, outbox, topics
+from shared import events, ledger, outbox, timers, topics
 from shared.consumer import TRANSIENT
 from shared.events import (CancelOrder, ClawbackSettled, ConfirmOrder, Envelope, HoldFunds, RefundOrder,
                            ShipOrder)
@@ -104,15 +103,7 @@ async def release_due(ctx: Context, rates: FeeRates, limit: int = AUTO_CONFIRM_B
 async def auto_confirm_loop(ctx: Context, rates: FeeRates) -> None:
     """Every second, and as soon as the test clock moves here. The timer is the
     auto_confirm_at column, so a restart loses nothing."""
-    while True:
-        ctx.clock_moved.clear()  # before the scan: a move during it triggers the next one
-        try:
-            selected, released = await release_due(ctx, rates)
-            if selected == released == AUTO_CONFIRM_BATCH:
-                continue  # more may be due right now
-        except Exception:  # never let the timer die (CancelledError is not an Exception)
-            log.exception("auto-confirm scan failed; retrying")
-        try:
-            await asyncio.wait_for(ctx.clock_moved.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
-            pass
+    async def scan() -> bool:
+        selected, released = await release_due(ctx, rates)
+        return selected == released == AUTO_CONFIRM_BATCH  # more may be due right now
+    await timers.run(ctx, scan, name="auto-confirm")

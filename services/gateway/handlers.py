@@ -10,7 +10,6 @@ it kept), `billing` (Huabei fees and penalties paid, which are billing's revenue
 """
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import asyncpg
@@ -19,7 +18,7 @@ import structlog
 from services.gateway import domain, store
 from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
 from services.gateway.bank import ChargeResult
-from shared import events, ledger, outbox, topics
+from shared import events, ledger, outbox, timers, topics
 from shared.events import (ApplyRepayment, CardDeclined, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
                            CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
                            EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
@@ -538,20 +537,11 @@ async def escrow_refund_rejected(ctx: Context, conn: asyncpg.Connection, env: En
 
 # ---------------------------------------------------------------- the saga worker
 async def saga_worker(ctx: Context, batch: int = 100) -> None:
-    """Drives sagas whose next step is due (card charges, channel deadlines, hold retries). The
-    due time is a column, so timers survive restarts; SKIP LOCKED lets several gateways share."""
-    while True:
-        try:
-            handled = await run_due_sagas(ctx, batch)
-        except Exception:
-            log.exception("saga worker tick failed")
-            handled = 0
-        if handled < batch:
-            try:
-                await asyncio.wait_for(ctx.clock_moved.wait(), timeout=0.2)
-            except asyncio.TimeoutError:
-                pass
-            ctx.clock_moved.clear()
+    """Drives sagas whose next step is due (risk deadlines, card charges, channel deadlines,
+    command re-sends). The due time is a column; SKIP LOCKED lets several gateways share."""
+    async def scan() -> bool:
+        return await run_due_sagas(ctx, batch) >= batch
+    await timers.run(ctx, scan, name="saga worker", interval=0.2)
 
 
 async def run_due_sagas(ctx: Context, batch: int) -> int:

@@ -29,6 +29,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from shared import events, topics
+from shared.consumer import dead_letter_headers
 from shared.events import CardDeclined, DecodeError, RiskDecided
 from services.risk import domain
 
@@ -79,17 +80,6 @@ class EngineSettings:
 
     def internal_topic(self, suffix: str) -> str:
         return f"{self.app_id}-{suffix}"
-
-
-def dead_letter_headers(message: Any, code: str, text: str) -> list[tuple[str, bytes]]:
-    # The same headers as shared.consumer.dead_letter_headers.
-    return [
-        ("error.code", code.encode()),
-        ("error.message", text[:2000].encode()),
-        ("original.topic", message.topic.encode()),
-        ("original.partition", str(message.partition).encode()),
-        ("original.offset", str(message.offset).encode()),
-    ]
 
 
 def _decode(raw: str) -> tuple[events.Envelope, Any]:
