@@ -93,7 +93,7 @@ class Demo:
 
     async def register(self, user_id: str) -> None:
         body = {"user_id": user_id, "full_name": f"Demo {user_id}", "birth_date": "1990-03-14",
-                "phone": f"139{self.rng.randrange(10**8):08d}", "id_number": f"ID{uuid.uuid4().hex[:16]}",
+                "phone": f"139{uuid.uuid4().int % 10**8:08d}", "id_number": f"ID{uuid.uuid4().hex[:16]}",
                 "real_name_verified": True}
         response = await self.http["gateway"].post("/v1/users", json=body)
         response.raise_for_status()
@@ -190,8 +190,13 @@ class Demo:
             else:
                 await self.place(kind, buyer, seller, amount, "balance", 1)
         await self.producer.send_and_wait("orders.events", b'{"this is": "not an order"', key=b"garbage")
-        # Follow-ups go out after their orders (same partition, in order); the platform keeps
-        # any that arrive before the payment completes.
+        # A shop ships, confirms, cancels and refunds once it has heard that the payment went
+        # through (the platform would also keep early follow-ups, or let an early cancel stop the
+        # payment, but then the outcomes differ from the ones counted here).
+        paid = {o: 1 for o, n in self.expected.items() if n and self.kind[o] != "silent_card"}
+        if not await self.outcomes.wait_for(paid, timeout=60):
+            print("   not every payment had its outcome within 60 s", file=sys.stderr)
+        print(f"   every payment has its outcome after {time.monotonic() - started:.1f}s; sending the shops' follow-ups")
         for type_, data in follow_ups:
             await self.send(type_, data)
         await self.producer.flush()
