@@ -171,3 +171,15 @@ async def test_credit_service_killed_mid_saga_loses_nothing(shop, services):
     for b in buyers:
         await eventually(lambda: _used(shop, b, 7_000))
     await shop.audit()
+
+
+async def test_huabei_events_delivered_twice_draw_down_once(shop):
+    buyer, seller = await shop.user(), await shop.user()
+    limit = (await shop.activate(buyer))["credit_limit"]
+    order = await shop.place(buyer, seller, 3_000, method="huabei", times=2)
+    await shop.send("OrderConfirmed", {"order_id": order}, times=2)
+    events = await shop.events(order, 2, settle=2)
+    assert types(events) == ["PaymentSucceeded", "FundsReleased"]
+    await eventually(lambda: _used(shop, buyer, 3_000))
+    assert (await shop.huabei(buyer))["available"] == limit - 3_000
+    await shop.audit()

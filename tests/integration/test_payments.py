@@ -301,3 +301,18 @@ async def test_gateway_killed_mid_saga_completes_every_payment_once(shop, servic
     for b in buyers:
         assert await shop.wallet(b) == 600
     await shop.audit()
+
+
+async def test_every_upstream_event_delivered_twice_has_effect_once(shop):
+    buyer, seller = await shop.user(balance=10_000), await shop.user()
+    order = await shop.place(buyer, seller, 8_000, times=2)
+    await shop.events(order, 1)
+    await shop.send("OrderShipped", {"order_id": order}, times=2)
+    await shop.send("RefundRequested", {"order_id": order, "refund_id": "r-1", "amount": 1_000, "reason": "x"}, times=2)
+    await shop.send("OrderCancelled", {"order_id": order, "reason": "changed my mind"}, times=2)
+    events = await shop.events(order, 3, settle=2)
+    assert [(e["type"], e["data"].get("refund_id"), e["data"].get("amount")) for e in events] == [
+        ("PaymentSucceeded", None, 8_000), ("RefundCompleted", "r-1", 1_000), ("RefundCompleted", None, 7_000)]
+    assert await shop.wallet(buyer) == 10_000
+    assert (await shop.payment(order))["status"] == "REFUNDED"
+    await shop.audit()
