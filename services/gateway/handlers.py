@@ -81,12 +81,13 @@ async def wallet_available(conn: asyncpg.Connection | asyncpg.Pool, user_id: str
 async def top_up(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, card_token: str,
                  key: str) -> tuple[int, dict]:
     request_id = f"topup:{user_id}:{key}"
-    result = await ctx.deps.bank.charge(request_id, card_token, amount)
+    result = await ctx.deps.bank.authorize(request_id, card_token, amount)
     if result is ChargeResult.DECLINED:
         return 402, {"error": {"code": "CARD_DECLINED", "message": "the bank declined the card"}}
     if result is ChargeResult.NO_ANSWER:
         await ctx.deps.bank.void(request_id)
         return 402, {"error": {"code": "CHANNEL_TIMEOUT", "message": "the bank channel did not answer"}}
+    await ctx.deps.bank.capture(request_id, amount)
     await ledger.transfer(conn, request_id, "bank", wallet(user_id), amount, code="topup", now=ctx.clock.now())
     return 201, {"user_id": user_id, "amount": amount, "balance": await wallet_available(conn, user_id),
                  "currency": "CNY"}
@@ -126,12 +127,13 @@ async def take_repayment(ctx: Context, conn: asyncpg.Connection, user_id: str, a
             return 409, {"error": {"code": "INSUFFICIENT_BALANCE",
                                    "message": f"the wallet has {available} fen available, the repayment is {amount} fen"}}
     else:
-        result = await ctx.deps.bank.charge(transfer_id, card_token, amount)
+        result = await ctx.deps.bank.authorize(transfer_id, card_token, amount)
         if result is not ChargeResult.APPROVED:
             if result is ChargeResult.NO_ANSWER:
                 await ctx.deps.bank.void(transfer_id)
             code = "CARD_DECLINED" if result is ChargeResult.DECLINED else "CHANNEL_TIMEOUT"
             return 402, {"error": {"code": code, "message": "the card was not charged"}}
+        await ctx.deps.bank.capture(transfer_id, amount)
         await ledger.transfer(conn, transfer_id, "bank", "repayments", amount, code="repayment", now=now)
     await store.insert_repayment(conn, repayment_id, user_id, amount, source, now)
     await outbox.add(conn, topics.BILLING_COMMANDS, user_id, events.new_event(
@@ -379,10 +381,9 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, payment: dict) -> No
         await bank.void(charge_id)
         await _fail(ctx, conn, payment, "ORDER_CANCELLED", "the order was cancelled before it was paid", cause=None)
         return
-    result = await bank.charge(charge_id, payment["card_token"], payment["amount"])
+    result = await bank.authorize(charge_id, payment["card_token"], payment["amount"])
     if result is ChargeResult.APPROVED:
-        await ledger.transfer(conn, charge_id, "bank", "escrow", payment["amount"], code="card_payment",
-                              order_id=order_id, now=now)
+        # Authorized only: captured once escrow holds the order, voided if the saga compensates.
         await _start_holding(ctx, conn, payment, cause=None)
     elif result is ChargeResult.DECLINED:
         await _fail(ctx, conn, payment, "CARD_DECLINED", "the bank declined the card", cause=None)
@@ -408,11 +409,8 @@ async def _compensate_funding(ctx: Context, conn: asyncpg.Connection, payment: d
         await ledger.transfer(conn, f"huabei-return:{order_id}", "escrow", "lender", payment["amount"],
                               code="huabei_cancel", order_id=order_id, now=now)
         await _command_credit(ctx, conn, CancelCredit(order_id=order_id), cause=None)
-    else:
-        refund_id = f"charge-refund:{order_id}"
-        await ctx.deps.bank.refund(refund_id, f"charge:{order_id}", payment["amount"])
-        await ledger.transfer(conn, refund_id, "escrow", "bank", payment["amount"], code="card_refund",
-                              order_id=order_id, now=now)
+    else:  # bank_card: authorized, never captured
+        await ctx.deps.bank.void(f"charge:{order_id}")
 
 
 # ---------------------------------------------------------------- escrow's answers
@@ -423,6 +421,11 @@ async def funds_held(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: F
     now = ctx.clock.now()
     if payment["payment_method"] == "balance":
         await ledger.post_pending(conn, f"payment-post:{e.order_id}", f"payment:{e.order_id}", now)
+    elif payment["payment_method"] == "bank_card":
+        charge_id = f"charge:{e.order_id}"
+        await ctx.deps.bank.capture(charge_id, payment["amount"])
+        await ledger.transfer(conn, charge_id, "bank", "escrow", payment["amount"], code="card_payment",
+                              order_id=e.order_id, now=now)
     elif payment["payment_method"] == "huabei":
         await _command_credit(ctx, conn, CommitCredit(order_id=e.order_id), cause=env.event_id)  # confirm
     await store.update_payment(conn, e.order_id, now, status=PaymentStatus.HELD.value,
