@@ -87,7 +87,7 @@ def _published_ports(svc: dict) -> list[tuple[int, int]]:
 
 
 def test_all_six_services_exist(services):
-    assert set(services) == set(APP_SERVICES + INFRA_SERVICES)
+    assert set(services) == set(APP_SERVICES + INFRA_SERVICES + ["risk"])
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -203,3 +203,12 @@ def test_dockerfile():
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "HTTP_HOST=0.0.0.0" in text
     assert re.search(r"pip install[^\n]*\s\.(\s|$)", text)
+
+
+def test_risk_engine_runs_from_the_same_image(services):
+    risk = services["risk"]
+    assert risk["command"] == ["python", "-m", "services.risk"]
+    assert importlib.util.find_spec("services.risk") is not None
+    assert risk["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert "8005:8005" in risk["ports"] and "/health" in " ".join(risk["healthcheck"]["test"])
+    assert risk["depends_on"]["kafka"]["condition"] == "service_healthy"
