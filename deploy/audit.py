@@ -49,7 +49,7 @@ def _dsn(service: str) -> str:
 
 
 async def _sum(conn: asyncpg.Connection, schema: str, where: str, expr: str) -> int:
-    return await conn.fetchval(f"SELECT coalesce(sum({expr}), 0)::bigint FROM {schema}.ledger_accounts WHERE {where}")
+    return await conn.fetchval(f"SELECT coalesce(sum({expr}), 0)::bigint FROM {schema}.ledger_balances WHERE {where}")
 
 
 async def audit(dsns: dict[str, str] | None = None) -> Report:

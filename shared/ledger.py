@@ -1,8 +1,11 @@
 """Double-entry ledger inside one service's schema (see migrations/002_ledger.sql).
 
 Every movement is a transfer from a debit account to a credit account, so each entry balances
-by construction. Wallet-like accounts (no_overdraft) can never go below zero: a transfer that
-would overdraw one is refused with InsufficientFunds and changes nothing. Holds are pending
+by construction. Balances are derived from the transfers (view `ledger_balances`). Wallet-like
+accounts (no_overdraft) can never go below zero: they also keep running totals on their row,
+which the overdraft check reads and locks, and a transfer that would overdraw one is refused
+with InsufficientFunds and changes nothing. Shared accounts (bank, escrow, ...) keep no totals,
+so transactions do not queue on their rows. Holds are pending
 transfers, later posted or voided (TigerBeetle's two-phase transfers). Transfer ids are
 deterministic, so repeating a transfer is a no-op.
 
@@ -51,7 +54,13 @@ async def _ensure_accounts(conn: asyncpg.Connection, *ids: str) -> None:
         [(i, i.startswith(NO_OVERDRAFT_PREFIXES)) for i in ids])
 
 
+def _keeps_totals(account_id: str) -> bool:
+    return account_id.startswith(NO_OVERDRAFT_PREFIXES)
+
+
 async def _debit(conn: asyncpg.Connection, account: str, amount: int, column: str) -> None:
+    if not _keeps_totals(account):
+        return
     # Conditional update: refuses (no row) instead of tripping the CHECK and aborting the transaction.
     ok = await conn.fetchval(
         f"""UPDATE ledger_accounts SET {column} = {column} + $2
@@ -78,8 +87,9 @@ async def transfer(conn: asyncpg.Connection, transfer_id: str, debit: str, credi
             return False
         column = "pending" if pending else "posted"
         await _debit(conn, debit, amount, f"debits_{column}")
-        await conn.execute(f"UPDATE ledger_accounts SET credits_{column} = credits_{column} + $2 WHERE id = $1",
-                           credit, amount)
+        if _keeps_totals(credit):
+            await conn.execute(f"UPDATE ledger_accounts SET credits_{column} = credits_{column} + $2 WHERE id = $1",
+                               credit, amount)
     return True
 
 
@@ -98,14 +108,16 @@ async def _resolve(conn: asyncpg.Connection, transfer_id: str, pending_id: str, 
         return False
     amount = pending["amount"]
     posted = kind == "post_pending"
-    await conn.execute(
-        f"""UPDATE ledger_accounts SET debits_pending = debits_pending - $2
-            {', debits_posted = debits_posted + $2' if posted else ''} WHERE id = $1""",
-        pending["debit_account"], amount)
-    await conn.execute(
-        f"""UPDATE ledger_accounts SET credits_pending = credits_pending - $2
-            {', credits_posted = credits_posted + $2' if posted else ''} WHERE id = $1""",
-        pending["credit_account"], amount)
+    if _keeps_totals(pending["debit_account"]):
+        await conn.execute(
+            f"""UPDATE ledger_accounts SET debits_pending = debits_pending - $2
+                {', debits_posted = debits_posted + $2' if posted else ''} WHERE id = $1""",
+            pending["debit_account"], amount)
+    if _keeps_totals(pending["credit_account"]):
+        await conn.execute(
+            f"""UPDATE ledger_accounts SET credits_pending = credits_pending - $2
+                {', credits_posted = credits_posted + $2' if posted else ''} WHERE id = $1""",
+            pending["credit_account"], amount)
     return True
 
 
@@ -128,36 +140,31 @@ async def pending_state(conn: asyncpg.Connection, pending_id: str) -> str | None
 
 
 async def account(conn: asyncpg.Connection | asyncpg.Pool, account_id: str) -> Account:
+    table = "ledger_accounts" if _keeps_totals(account_id) else "ledger_balances"
     row = await conn.fetchrow(
-        "SELECT id, debits_posted, credits_posted, debits_pending, credits_pending FROM ledger_accounts WHERE id = $1",
+        f"SELECT id, debits_posted, credits_posted, debits_pending, credits_pending FROM {table} WHERE id = $1",
         account_id)
     return Account(**dict(row)) if row else Account(id=account_id)
 
 
 async def check(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
-    """Problems in this ledger: cached totals that differ from the transfers, or debits != credits."""
+    """Problems in this ledger: running totals that differ from the transfers, an overdrawn
+    account, or posted debits that differ from posted credits."""
     problems = []
     rows = await conn.fetch(
-        """WITH moves AS (
-             SELECT debit_account AS account, amount AS d_posted, 0 AS c_posted, 0 AS d_pending, 0 AS c_pending
-               FROM ledger_transfers WHERE kind IN ('posted', 'post_pending')
-             UNION ALL SELECT credit_account, 0, amount, 0, 0 FROM ledger_transfers WHERE kind IN ('posted', 'post_pending')
-             UNION ALL SELECT debit_account, 0, 0, amount, 0 FROM ledger_transfers WHERE kind = 'pending'
-             UNION ALL SELECT credit_account, 0, 0, 0, amount FROM ledger_transfers WHERE kind = 'pending'
-             UNION ALL SELECT debit_account, 0, 0, -amount, 0 FROM ledger_transfers WHERE kind IN ('post_pending', 'void_pending')
-             UNION ALL SELECT credit_account, 0, 0, 0, -amount FROM ledger_transfers WHERE kind IN ('post_pending', 'void_pending'))
-           SELECT a.id, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending, a.no_overdraft,
-                  coalesce(sum(m.d_posted), 0) AS dp, coalesce(sum(m.c_posted), 0) AS cp,
-                  coalesce(sum(m.d_pending), 0) AS dq, coalesce(sum(m.c_pending), 0) AS cq
-           FROM ledger_accounts a LEFT JOIN moves m ON m.account = a.id GROUP BY a.id""")
-    total_debits = total_credits = 0
+        """SELECT a.id, a.no_overdraft, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
+                  coalesce(b.debits_posted, 0) AS dp, coalesce(b.credits_posted, 0) AS cp,
+                  coalesce(b.debits_pending, 0) AS dq, coalesce(b.credits_pending, 0) AS cq
+           FROM ledger_accounts a LEFT JOIN ledger_balances b USING (id)""")
     for r in rows:
-        if (r["debits_posted"], r["credits_posted"], r["debits_pending"], r["credits_pending"]) != (r["dp"], r["cp"], r["dq"], r["cq"]):
-            problems.append(f"account {r['id']}: cached totals differ from its transfers")
-        if r["no_overdraft"] and r["credits_posted"] - r["debits_posted"] - r["debits_pending"] < 0:
+        cached = (r["debits_posted"], r["credits_posted"], r["debits_pending"], r["credits_pending"])
+        derived = (r["dp"], r["cp"], r["dq"], r["cq"])
+        if _keeps_totals(r["id"]) and cached != derived:
+            problems.append(f"account {r['id']}: running totals {cached} differ from its transfers {derived}")
+        if r["no_overdraft"] and r["cp"] - r["dp"] - r["dq"] < 0:
             problems.append(f"account {r['id']} is overdrawn")
-        total_debits += r["debits_posted"]
-        total_credits += r["credits_posted"]
-    if total_debits != total_credits:
-        problems.append(f"posted debits {total_debits} != posted credits {total_credits}")
+    totals = await conn.fetchrow(
+        "SELECT coalesce(sum(debits_posted), 0) AS d, coalesce(sum(credits_posted), 0) AS c FROM ledger_balances")
+    if totals["d"] != totals["c"]:
+        problems.append(f"posted debits {totals['d']} != posted credits {totals['c']}")
     return problems
