@@ -33,8 +33,7 @@ async def get_escrow(order_id: str, request: Request, caller: Principal = Depend
     escrow = await store.get(ctx_of(request).pool, order_id)
     if escrow is None:
         raise ApiError(404, "ESCROW_NOT_FOUND", f"no escrow for order {order_id}")
-    if not caller.may_act_for(escrow.buyer_id, escrow.seller_id):
-        raise ApiError(403, "FORBIDDEN", "only the buyer, the seller or the operator may read this escrow")
+    caller.require_user(escrow.buyer_id, escrow.seller_id)  # the buyer, the seller or the operator
     return EscrowView(
         order_id=escrow.order_id, status=escrow.status.value, held=escrow.held, released=escrow.released_gross,
         refunded=escrow.refunded_total,

@@ -228,8 +228,7 @@ async def get_payment(order_id: str, request: Request, caller: Principal = Depen
     row = await store.get_payment(ctx_of(request).pool, order_id)
     if row is None:
         raise ApiError(404, "PAYMENT_NOT_FOUND", f"no payment for order {order_id}")
-    if not caller.may_act_for(row["buyer_id"], row["seller_id"]):
-        raise ApiError(403, "FORBIDDEN", "only the buyer, the seller or the operator may read this payment")
+    caller.require_user(row["buyer_id"], row["seller_id"])  # the buyer, the seller or the operator
     return {k: row[k] for k in Payment.model_fields if k not in ("accepted_at", "updated_at")} | {
         "accepted_at": rfc3339(row["accepted_at"]), "updated_at": rfc3339(row["updated_at"])}
 
