@@ -17,7 +17,8 @@ class SettingsError(RuntimeError):
     pass
 
 
-def _env(name: str, default: str) -> str:
+def env(name: str, default: str) -> str:
+    """A setting from the environment; unset or blank gives the default."""
     value = os.environ.get(name, "").strip()
     return value or default
 
@@ -45,7 +46,7 @@ class Settings:
 
 
 def load(service: str, *, require_secrets: bool = True) -> Settings:
-    clock_mode = _env("DANBAO_CLOCK", "system")
+    clock_mode = env("DANBAO_CLOCK", "system")
     if clock_mode not in ("system", "controllable"):
         raise SettingsError(f"DANBAO_CLOCK must be 'system' or 'controllable', not {clock_mode!r}")
     api_token = os.environ.get("DANBAO_API_TOKEN", "")
@@ -53,17 +54,17 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
     if require_secrets and (not api_token or not jwt_secret):
         # CONTRACT.md §7: refuse to start without both; `./danbao up` generates them locally.
         raise SettingsError("DANBAO_API_TOKEN and DANBAO_JWT_SECRET must be set")
-    urls = {name: _env(f"{name.upper()}_URL", url).rstrip("/") for name, url in DEFAULT_URLS.items()}
-    database_url = _env(f"{service.upper()}_DATABASE_URL", _env("DATABASE_URL", "postgresql://danbao@127.0.0.1:5432/danbao"))
+    urls = {name: env(f"{name.upper()}_URL", url).rstrip("/") for name, url in DEFAULT_URLS.items()}
+    database_url = env(f"{service.upper()}_DATABASE_URL", env("DATABASE_URL", "postgresql://danbao@127.0.0.1:5432/danbao"))
     return Settings(
         service=service,
-        kafka_bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        kafka_bootstrap_servers=env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
         database_url=database_url,
         urls=urls,
         clock_mode=clock_mode,
         api_token=api_token,
         jwt_secret=jwt_secret,
-        http_host=_env("HTTP_HOST", "127.0.0.1"),
-        topic_partitions=int(_env("KAFKA_TOPIC_PARTITIONS", "4")),
-        business_tz=_env("BUSINESS_TZ", "Asia/Shanghai"),
+        http_host=env("HTTP_HOST", "127.0.0.1"),
+        topic_partitions=int(env("KAFKA_TOPIC_PARTITIONS", "4")),
+        business_tz=env("BUSINESS_TZ", "Asia/Shanghai"),
     )

@@ -115,17 +115,22 @@ async def _existing_user(conn, user_id: str) -> None:
         raise ApiError(404, "USER_NOT_FOUND", f"no user {user_id}")
 
 
-@router.post("/wallets/{user_id}/top-ups", status_code=201, response_model=TopUpResult, tags=["wallets"],
-             responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"}})
-async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal = Depends(principal)):
-    caller.require_user(user_id)
+async def _user_write(request: Request, user_id: str, scope: str, body, action) -> tuple[int, dict]:
+    """An idempotent write on an existing user's money: `action(ctx, conn)` runs once per key."""
     ctx = ctx_of(request)
 
     async def write(conn):
         await _existing_user(conn, user_id)
-        return await handlers.top_up(ctx, conn, user_id, body.amount, body.card_token, body.idempotency_key)
-    status, result = await idempotency.run_once(ctx.pool, f"top-up:{user_id}", body.idempotency_key,
-                                                body.model_dump(), write)
+        return await action(ctx, conn)
+    return await idempotency.run_once(ctx.pool, f"{scope}:{user_id}", body.idempotency_key, body.model_dump(), write)
+
+
+@router.post("/wallets/{user_id}/top-ups", status_code=201, response_model=TopUpResult, tags=["wallets"],
+             responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"}})
+async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal = Depends(principal)):
+    caller.require_user(user_id)
+    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn: handlers.top_up(
+        ctx, conn, user_id, body.amount, body.card_token, body.idempotency_key))
     return JSONResponse(status_code=status, content=result)
 
 
@@ -133,13 +138,8 @@ async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal 
              responses={409: {"description": "INSUFFICIENT_BALANCE or IDEMPOTENCY_CONFLICT"}})
 async def withdraw(user_id: str, body: Withdrawal, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    ctx = ctx_of(request)
-
-    async def write(conn):
-        await _existing_user(conn, user_id)
-        return await handlers.withdraw(ctx, conn, user_id, body.amount, body.idempotency_key)
-    status, result = await idempotency.run_once(ctx.pool, f"withdrawal:{user_id}", body.idempotency_key,
-                                                body.model_dump(), write)
+    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn: handlers.withdraw(
+        ctx, conn, user_id, body.amount, body.idempotency_key))
     return JSONResponse(status_code=status, content=result)
 
 
@@ -179,13 +179,8 @@ async def repay(user_id: str, body: Repayment, request: Request, caller: Princip
     idempotency_key returns the allocation once it is known."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
-
-    async def write(conn):
-        await _existing_user(conn, user_id)
-        return await handlers.take_repayment(ctx, conn, user_id, body.amount, body.source, body.card_token,
-                                             f"rp_{uuid.uuid4().hex}")
-    status, result = await idempotency.run_once(ctx.pool, f"repayment:{user_id}", body.idempotency_key,
-                                                body.model_dump(), write)
+    status, result = await _user_write(request, user_id, "repayment", body, lambda ctx, conn: handlers.take_repayment(
+        ctx, conn, user_id, body.amount, body.source, body.card_token, f"rp_{uuid.uuid4().hex}"))
     if status == 201:
         deadline = asyncio.get_running_loop().time() + ALLOCATION_WAIT_SECONDS
         while True:

@@ -10,7 +10,7 @@ it kept), `billing` (Huabei fees and penalties paid, which are billing's revenue
 """
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import structlog
@@ -214,25 +214,25 @@ async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, or
                        order_id=order.order_id, cause=env.event_id)
         return
     payment = await store.lock_payment(conn, order.order_id)
-    known = await store.known_users(conn, order.buyer_id, order.seller_id)
+    known = await store.registered_at(conn, order.buyer_id, order.seller_id)
     failure = domain.validation_failure(buyer_known=order.buyer_id in known, seller_known=order.seller_id in known,
                                         method=order.payment_method)
     if failure:
         await _fail(ctx, conn, payment, *failure, cause=env.event_id)
     elif ctx.deps.rules.risk_enabled:
-        await _ask_risk(ctx, conn, payment, cause=env.event_id)
+        await _ask_risk(ctx, conn, payment, known[order.buyer_id], cause=env.event_id)
     else:
         await _fund(ctx, conn, payment, cause=env.event_id)
 
 
-async def _ask_risk(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
+async def _ask_risk(ctx: Context, conn: asyncpg.Connection, payment: dict, buyer_registered_at: datetime, *,
+                    cause: str | None) -> None:
     """The risk engine decides before any money moves; its deadline is the saga's timer."""
     now = ctx.clock.now()
-    buyer = await store.get_user(conn, payment["buyer_id"])
     request = RiskCheckRequested(
         order_id=payment["order_id"], buyer_id=payment["buyer_id"], seller_id=payment["seller_id"],
         amount=payment["amount"], payment_method=payment["payment_method"], card_token=payment["card_token"],
-        accepted_at=payment["accepted_at"], buyer_registered_at=buyer["registered_at"] if buyer else None)
+        accepted_at=payment["accepted_at"], buyer_registered_at=buyer_registered_at)
     await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
         request, source=SOURCE, occurred_at=now, correlation_id=payment["order_id"], causation_id=cause))
     deadline = now + timedelta(seconds=ctx.deps.rules.risk_timeout_seconds)

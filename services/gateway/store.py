@@ -23,9 +23,10 @@ async def get_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dic
     return dict(row) if row else None
 
 
-async def known_users(conn: asyncpg.Connection, *user_ids: str) -> set[str]:
-    rows = await conn.fetch("SELECT user_id FROM users WHERE user_id = ANY($1::text[])", list(user_ids))
-    return {r["user_id"] for r in rows}
+async def registered_at(conn: asyncpg.Connection, *user_ids: str) -> dict[str, datetime]:
+    """When each of these users registered (unknown users are absent)."""
+    rows = await conn.fetch("SELECT user_id, registered_at FROM users WHERE user_id = ANY($1::text[])", list(user_ids))
+    return {r["user_id"]: r["registered_at"] for r in rows}
 
 
 # ---------------------------------------------------------------- payments

@@ -29,6 +29,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from shared import events, topics
+from shared.settings import env
 from shared.consumer import dead_letter_headers
 from shared.events import CardDeclined, DecodeError, RiskDecided
 from services.risk import domain
@@ -41,11 +42,6 @@ DECISIONS = Counter("danbao_risk_decisions_total", "Risk decisions published", [
 RULES_FIRED = Counter("danbao_risk_rules_fired_total", "Risk rules that fired", ["rule"])
 RECORDS = Counter("danbao_risk_records_total", "risk.requests records, by outcome",
                   ["outcome"])  # routed | dead_letter | duplicate
-
-
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or default
 
 
 @dataclass(frozen=True)
@@ -63,13 +59,13 @@ class EngineSettings:
     @classmethod
     def from_env(cls) -> "EngineSettings":
         return cls(
-            kafka_bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-            partitions=int(_env("KAFKA_TOPIC_PARTITIONS", "4")),
-            app_id=_env("RISK_APP_ID", "risk-engine"),
-            web_host=_env("RISK_WEB_HOST", _env("HTTP_HOST", "127.0.0.1")),
-            web_port=int(_env("RISK_WEB_PORT", "8005")),
-            log_level=_env("RISK_LOG_LEVEL", "INFO").upper(),
-            data_dir=_env("RISK_DATA_DIR", "/tmp/danbao-risk"),
+            kafka_bootstrap_servers=env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            partitions=int(env("KAFKA_TOPIC_PARTITIONS", "4")),
+            app_id=env("RISK_APP_ID", "risk-engine"),
+            web_host=env("RISK_WEB_HOST", env("HTTP_HOST", "127.0.0.1")),
+            web_port=int(env("RISK_WEB_PORT", "8005")),
+            log_level=env("RISK_LOG_LEVEL", "INFO").upper(),
+            data_dir=env("RISK_DATA_DIR", "/tmp/danbao-risk"),
             instance_id=os.environ.get("RISK_INSTANCE_ID", "").strip() or None,
             rules=domain.RiskSettings.from_env(),
         )
