@@ -129,6 +129,130 @@ async def void_pending(conn: asyncpg.Connection, transfer_id: str, pending_id: s
     return await _resolve(conn, transfer_id, pending_id, "void_pending", now)
 
 
+# ---------------------------------------------------------------- many at once
+# The consumers' set paths move money for hundreds of orders in a few statements. Same rules as
+# above; total-keeping accounts are locked in id order, so two transactions never deadlock on them.
+@dataclass(frozen=True)
+class NewTransfer:
+    id: str
+    debit: str
+    credit: str
+    amount: int
+    code: str
+    order_id: str | None = None
+    pending: bool = False
+
+
+async def available_many(conn: asyncpg.Connection, account_ids: list[str]) -> dict[str, int]:
+    """Available balance of these total-keeping accounts, locked in id order until the
+    transaction ends. Accounts never used are absent (nothing available)."""
+    rows = await conn.fetch(
+        """SELECT id, credits_posted - debits_posted - debits_pending AS available FROM ledger_accounts
+           WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE""", sorted(set(account_ids)))
+    return {r["id"]: r["available"] for r in rows}
+
+
+async def _add_totals(conn: asyncpg.Connection, deltas: dict[str, list[int]]) -> None:
+    """deltas: account -> [debits_posted, credits_posted, debits_pending, credits_pending] changes."""
+    if not deltas:
+        return
+    ids = sorted(deltas)
+    await conn.execute(
+        """UPDATE ledger_accounts a SET debits_posted = a.debits_posted + u.dp, credits_posted = a.credits_posted + u.cp,
+                                        debits_pending = a.debits_pending + u.dq, credits_pending = a.credits_pending + u.cq
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(id, dp, cp, dq, cq)
+           WHERE a.id = u.id""",
+        ids, *([deltas[i][k] for i in ids] for k in range(4)))
+
+
+async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], now: datetime) -> set[str]:
+    """`transfer` for many at once; returns the ids applied now (the others were applied before).
+    InsufficientFunds, before anything is written, when the transfers together would overdraw a
+    no-overdraft account (counting repeats too: the caller then goes one by one, which is exact)."""
+    if not transfers:
+        return set()
+    for t in transfers:
+        if not isinstance(t.amount, int) or t.amount <= 0:
+            raise ValueError(f"a transfer moves a positive whole number of fen, not {t.amount!r}")
+    accounts = sorted({a for t in transfers for a in (t.debit, t.credit)})
+    await conn.execute(
+        """INSERT INTO ledger_accounts (id, no_overdraft) SELECT i, o FROM unnest($1::text[], $2::bool[]) AS u(i, o)
+           ON CONFLICT (id) DO NOTHING""", accounts, [a.startswith(NO_OVERDRAFT_PREFIXES) for a in accounts])
+    totals = [a for a in accounts if _keeps_totals(a)]
+    if totals:
+        available = await available_many(conn, totals)
+        needed: dict[str, int] = {}
+        for t in transfers:
+            if _keeps_totals(t.debit):
+                needed[t.debit] = needed.get(t.debit, 0) + t.amount
+        for account_id, amount in needed.items():
+            if available.get(account_id, 0) < amount:
+                raise InsufficientFunds(f"{account_id} cannot pay {amount}")
+    rows = await conn.fetch(
+        """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, code, order_id, created_at)
+           SELECT i, d, c, a, k, code, o, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                                   $6::text[], $7::text[]) AS u(i, d, c, a, k, code, o)
+           ON CONFLICT (id) DO NOTHING RETURNING id""",
+        [t.id for t in transfers], [t.debit for t in transfers], [t.credit for t in transfers],
+        [t.amount for t in transfers], ["pending" if t.pending else "posted" for t in transfers],
+        [t.code for t in transfers], [t.order_id for t in transfers], now)
+    applied = {r["id"] for r in rows}
+    deltas: dict[str, list[int]] = {}
+    for t in transfers:
+        if t.id not in applied:
+            continue
+        if _keeps_totals(t.debit):
+            deltas.setdefault(t.debit, [0, 0, 0, 0])[2 if t.pending else 0] += t.amount
+        if _keeps_totals(t.credit):
+            deltas.setdefault(t.credit, [0, 0, 0, 0])[3 if t.pending else 1] += t.amount
+    await _add_totals(conn, deltas)
+    return applied
+
+
+async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, str]], *, post: bool,
+                       now: datetime) -> set[str]:
+    """Post (or void) many pending transfers: resolutions are (transfer_id, pending_id). Returns
+    the pending ids resolved now; LookupError when one of them is not a pending transfer."""
+    if not resolutions:
+        return set()
+    pending_ids = [p for _, p in resolutions]
+    rows = await conn.fetch(
+        """SELECT id, debit_account, credit_account, amount, code, order_id FROM ledger_transfers
+           WHERE id = ANY($1::text[]) AND kind = 'pending'""", pending_ids)
+    pending = {r["id"]: r for r in rows}
+    missing = [p for p in pending_ids if p not in pending]
+    if missing:
+        raise LookupError(f"no pending transfer {missing[0]}")
+    totals = sorted({a for r in rows for a in (r["debit_account"], r["credit_account"]) if _keeps_totals(a)})
+    if totals:
+        await available_many(conn, totals)  # lock in id order
+    ps = [pending[p] for p in pending_ids]
+    done = await conn.fetch(
+        """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, pending_id, code, order_id, created_at)
+           SELECT i, d, c, a, $9, p, code, o, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                                           $6::text[], $7::text[]) AS u(i, d, c, a, p, code, o)
+           ON CONFLICT DO NOTHING RETURNING pending_id""",
+        [t for t, _ in resolutions], [r["debit_account"] for r in ps], [r["credit_account"] for r in ps],
+        [r["amount"] for r in ps], pending_ids, [r["code"] for r in ps], [r["order_id"] for r in ps], now,
+        "post_pending" if post else "void_pending")
+    resolved = {r["pending_id"] for r in done}
+    deltas: dict[str, list[int]] = {}
+    for r in ps:
+        if r["id"] not in resolved:
+            continue
+        amount = r["amount"]
+        if _keeps_totals(r["debit_account"]):
+            d = deltas.setdefault(r["debit_account"], [0, 0, 0, 0])
+            d[2] -= amount
+            d[0] += amount if post else 0
+        if _keeps_totals(r["credit_account"]):
+            d = deltas.setdefault(r["credit_account"], [0, 0, 0, 0])
+            d[3] -= amount
+            d[1] += amount if post else 0
+    await _add_totals(conn, deltas)
+    return resolved
+
+
 async def pending_state(conn: asyncpg.Connection, pending_id: str) -> str | None:
     """'pending', 'posted', 'voided', or None when there is no such pending transfer."""
     row = await conn.fetchrow(

@@ -41,6 +41,19 @@ async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value
     )
 
 
+async def add_many(conn: asyncpg.Connection, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+    """`add` for many (topic, key, envelope) rows in one statement; ids follow the list order."""
+    if not rows:
+        return
+    await conn.execute(
+        """WITH rows AS (INSERT INTO outbox (topic, key, value)
+                         SELECT t, k, v FROM unnest($1::text[], $2::bytea[], $3::bytea[]) WITH ORDINALITY AS u(t, k, v, n)
+                         ORDER BY n RETURNING 1)
+           SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM rows LIMIT 1) AS any_row""",
+        [t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
+        [events.encode(e) for _, _, e in rows])
+
+
 class Relay:
     """Publishes one schema's outbox. One relay per schema is active at a time (advisory lock),
     which keeps per-key order when several copies of a service run."""

@@ -14,6 +14,12 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests check rules, not speed: no per-example deadline (a loaded 2-core machine
+# otherwise fails them at random).
+hypothesis_settings.register_profile("danbao", deadline=None)
+hypothesis_settings.load_profile("danbao")
 
 from shared.kafka import ping
 

@@ -22,7 +22,8 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         return {t: partial(h, ctx) for t, h in table.items()}
     return [
         Subscription(topics.USERS, bound({"UserRegistered": handlers.user_registered})),
-        Subscription(topics.PAYMENTS, bound({"PaymentSucceeded": handlers.payment_succeeded})),
+        Subscription(topics.PAYMENTS, bound({"PaymentSucceeded": handlers.payment_succeeded}),
+                     batch_handlers=bound({"PaymentSucceeded": handlers.payments_succeeded})),
         Subscription(topics.CREDIT_COMMANDS, bound({
             "ReserveCredit": handlers.reserve_credit, "CommitCredit": handlers.commit_credit,
             "CancelCredit": handlers.cancel_credit, "RestoreCredit": handlers.restore_credit})),

@@ -55,6 +55,17 @@ async def payment_succeeded(ctx: Context, conn: asyncpg.Connection, env: Envelop
     await refresh_score(ctx, conn, e.buyer_id)
 
 
+async def payments_succeeded(ctx: Context, conn: asyncpg.Connection, items: list) -> list:
+    """`payment_succeeded` for a run of them: one counting statement; scores of Huabei users."""
+    counts: dict[str, int] = {}
+    for _, e in items:
+        counts[e.buyer_id] = counts.get(e.buyer_id, 0) + 1
+    await store.count_behaviour_many(conn, counts, "successful_payments")
+    for user_id in await store.with_account(conn, list(counts)):
+        await refresh_score(ctx, conn, user_id)
+    return []
+
+
 # ---------------------------------------------------------------- drawdowns: try / confirm / cancel
 async def reserve_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: ReserveCredit) -> None:
     existing = await store.get_reservation(conn, c.order_id)

@@ -22,7 +22,7 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         "CancelOrder": partial(handlers.cancel_order, ctx),
         "RefundOrder": partial(handlers.refund_order, ctx),
         "ClawbackSettled": partial(handlers.clawback_settled, ctx),
-    })]
+    }, batch_handlers={"HoldFunds": partial(handlers.holds, ctx)})]
 
 
 async def auto_confirm_loop(ctx: Context) -> None:

@@ -38,9 +38,33 @@ async def apply(ctx: Context, conn: asyncpg.Connection, order_id: str, decision:
         await outbox.add(conn, topics.ESCROW_EVENTS, order_id,
                          events.new_event(event, source=SOURCE, occurred_at=now, correlation_id=order_id,
                                           causation_id=causation_id))
-    log.info("escrow decision applied", order_id=order_id,
+    log.debug("escrow decision applied", order_id=order_id,
              status=decision.escrow.status.value if decision.escrow else None,
              emitted=[type(e).__name__ for e in decision.emit])
+
+
+async def apply_many(ctx: Context, conn: asyncpg.Connection,
+                     decisions: list[tuple[str, Decision, str | None]]) -> None:
+    """`apply` for many (order_id, decision, causation_id) at once: a few statements in all.
+    Decisions that record a refund are not for this path."""
+    now = ctx.clock.now()
+    assert all(d.refund is None for _, d, _ in decisions), "refunds are applied one by one"
+    await store.save_many(conn, [d.escrow for _, d, _ in decisions if d.escrow is not None], now)
+    await ledger.transfer_many(conn, [
+        ledger.NewTransfer(t.id, t.debit, t.credit, t.amount, t.code, order_id=order_id)
+        for order_id, d, _ in decisions for t in d.transfers], now)
+    await outbox.add_many(conn, [
+        (topics.ESCROW_EVENTS, order_id, events.new_event(event, source=SOURCE, occurred_at=now,
+                                                          correlation_id=order_id, causation_id=cause))
+        for order_id, d, cause in decisions for event in d.emit])
+
+
+async def holds(ctx: Context, conn: asyncpg.Connection, items: list[tuple[Envelope, HoldFunds]]) -> list:
+    """HoldFunds for orders escrow has not seen yet, as a set; the others one by one (hold_funds)."""
+    existing = await store.lock_many(conn, [cmd.order_id for _, cmd in items])
+    await apply_many(ctx, conn, [(cmd.order_id, domain.on_hold(None, cmd), env.event_id)
+                                 for env, cmd in items if cmd.order_id not in existing])
+    return [(env, cmd) for env, cmd in items if cmd.order_id in existing]
 
 
 async def hold_funds(ctx: Context, conn: asyncpg.Connection, env: Envelope, cmd: HoldFunds) -> None:

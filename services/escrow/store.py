@@ -26,6 +26,15 @@ async def lock(conn: asyncpg.Connection, order_id: str) -> Escrow | None:
     return _escrow(await conn.fetchrow(f"SELECT {_COLUMNS} FROM escrows WHERE order_id = $1 FOR UPDATE", order_id))
 
 
+async def lock_many(conn: asyncpg.Connection, order_ids: list[str]) -> dict[str, Escrow]:
+    """`lock` for many orders, in order_id order; returns the escrows that exist."""
+    ids = sorted(set(order_ids))
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('escrow:' || o)) FROM unnest($1::text[]) AS o", ids)
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM escrows WHERE order_id = ANY($1::text[]) ORDER BY order_id FOR UPDATE",
+                            ids)
+    return {r["order_id"]: _escrow(r) for r in rows}
+
+
 async def get(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> Escrow | None:
     return _escrow(await conn.fetchrow(f"SELECT {_COLUMNS} FROM escrows WHERE order_id = $1", order_id))
 
@@ -40,16 +49,23 @@ async def lock_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[
     return [_escrow(r) for r in rows]
 
 
+_SAVE = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at)
+            VALUES ({", ".join(f"${i}" for i in range(1, len(_FIELDS) + 1))}, ${len(_FIELDS) + 1}, ${len(_FIELDS) + 1})
+            ON CONFLICT (order_id) DO UPDATE SET {", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")},
+                updated_at = EXCLUDED.updated_at"""
+
+
+def _values(escrow: Escrow) -> list:
+    return [v.value if isinstance(v, Status) else v for v in (getattr(escrow, f) for f in _FIELDS)]
+
+
 async def save(conn: asyncpg.Connection, escrow: Escrow, now: datetime) -> None:
-    values = [getattr(escrow, f) for f in _FIELDS]
-    values = [v.value if isinstance(v, Status) else v for v in values]
-    placeholders = ", ".join(f"${i}" for i in range(1, len(_FIELDS) + 1))
-    updates = ", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")
-    n = len(_FIELDS)
-    await conn.execute(
-        f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at) VALUES ({placeholders}, ${n + 1}, ${n + 1})
-            ON CONFLICT (order_id) DO UPDATE SET {updates}, updated_at = EXCLUDED.updated_at""",
-        *values, now)
+    await conn.execute(_SAVE, *_values(escrow), now)
+
+
+async def save_many(conn: asyncpg.Connection, escrows: list[Escrow], now: datetime) -> None:
+    if escrows:
+        await conn.executemany(_SAVE, [(*_values(e), now) for e in escrows])
 
 
 async def get_refund(conn: asyncpg.Connection, order_id: str, refund_id: str) -> Refund | None:

@@ -38,11 +38,14 @@ def subscriptions(ctx: Context) -> list[Subscription]:
     credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused}
     billing = {"RepaymentAllocated": handlers.repayment_allocated, "OverpaymentRefunded": handlers.overpayment_refunded}
     return [
-        Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]}),
-        Subscription(topics.ESCROW_EVENTS, {t: partial(h, ctx) for t, h in escrow.items()}),
+        Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]},
+                     batch_handlers={"OrderPlaced": partial(handlers.orders_placed, ctx)}),
+        Subscription(topics.ESCROW_EVENTS, {t: partial(h, ctx) for t, h in escrow.items()},
+                     batch_handlers={"FundsHeld": partial(handlers.funds_held_many, ctx)}),
         Subscription(topics.CREDIT_EVENTS, {t: partial(h, ctx) for t, h in credit.items()}),
         Subscription(topics.BILLING_EVENTS, {t: partial(h, ctx) for t, h in billing.items()}),
-        Subscription(topics.RISK_DECISIONS, {"RiskDecided": partial(handlers.risk_decided, ctx)}),
+        Subscription(topics.RISK_DECISIONS, {"RiskDecided": partial(handlers.risk_decided, ctx)},
+                     batch_handlers={"RiskDecided": partial(handlers.risk_decisions, ctx)}),
     ]
 
 

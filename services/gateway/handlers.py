@@ -538,6 +538,109 @@ async def escrow_refund_rejected(ctx: Context, conn: asyncpg.Connection, env: En
                    order_id=e.order_id, cause=env.event_id)
 
 
+# ---------------------------------------------------------------- the hot path, as sets
+# The consumer hands each run of OrderPlaced, RiskDecided or FundsHeld to these first. They do
+# for hundreds of orders in a few statements exactly what the one-by-one handlers above do in
+# the usual case, and return the records that are not the usual case (unknown users, a duplicate
+# order id, a card or Huabei payment, a short wallet, a late answer, ...) to those handlers.
+Batch = list[tuple[Envelope, object]]
+
+
+async def orders_placed(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
+    """New orders of known users: a payment row waiting for the risk engine, and its request."""
+    rules = ctx.deps.rules
+    if not rules.risk_enabled:
+        return items
+    now = ctx.clock.now()
+    known = await store.registered_at(conn, *{u for _, o in items for u in (o.buyer_id, o.seller_id)})
+    fast = [(env, o) for env, o in items
+            if domain.validation_failure(buyer_known=o.buyer_id in known, seller_known=o.seller_id in known,
+                                         method=o.payment_method) is None]
+    if not fast:
+        return items
+    await store.record_order_events(
+        conn, [(env.event_id, o.order_id, env.type, o.model_dump(mode="json"), "applied") for env, o in fast], now)
+    deadline = now + timedelta(seconds=rules.risk_timeout_seconds)
+    inserted = await store.insert_payments(conn, [(env.event_id, o, f"pay_{o.order_id}") for env, o in fast], now,
+                                           saga_state=SagaState.RISK_CHECK.value, next_action_at=deadline,
+                                           deadline_at=deadline)
+    await outbox.add_many(conn, [
+        (topics.RISK_REQUESTS, o.buyer_id, events.new_event(
+            RiskCheckRequested(order_id=o.order_id, buyer_id=o.buyer_id, seller_id=o.seller_id, amount=o.amount,
+                               payment_method=o.payment_method, card_token=o.card_token, accepted_at=now,
+                               buyer_registered_at=known[o.buyer_id]),
+            source=SOURCE, occurred_at=now, correlation_id=o.order_id, causation_id=env.event_id))
+        for env, o in fast if o.order_id in inserted])
+    return [(env, o) for env, o in items if o.order_id not in inserted]
+
+
+async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
+    """Approved wallet payments the wallet can pay: reserve the money, ask escrow to hold it."""
+    payments = await store.lock_payments(conn, [e.order_id for _, e in items])
+    # Late (the fallback decided) or repeated: nothing to do, as in risk_decided.
+    items = [(env, e) for env, e in items
+             if e.order_id not in payments or payments[e.order_id]["saga_state"] == SagaState.RISK_CHECK.value]
+    candidates = [(env, e, payments[e.order_id]) for env, e in items
+                  if e.order_id in payments and e.decision == "approve"
+                  and payments[e.order_id]["payment_method"] == "balance"]
+    if not candidates:
+        return items
+    available = await ledger.available_many(conn, [wallet(p["buyer_id"]) for _, _, p in candidates])
+    fast = []
+    for env, e, p in candidates:  # in order: an order the wallet cannot pay goes one by one (and fails)
+        if available.get(wallet(p["buyer_id"]), 0) >= p["amount"]:
+            available[wallet(p["buyer_id"])] -= p["amount"]
+            fast.append((env, e, p))
+    if not fast:
+        return items
+    now = ctx.clock.now()
+    await ledger.transfer_many(conn, [
+        ledger.NewTransfer(f"payment:{p['order_id']}", wallet(p["buyer_id"]), "escrow", p["amount"], code="payment",
+                           order_id=p["order_id"], pending=True) for _, _, p in fast], now)
+    await outbox.add_many(conn, [
+        (topics.ESCROW_COMMANDS, p["order_id"], events.new_event(
+            _hold_command(p), source=SOURCE, occurred_at=now, correlation_id=p["order_id"], causation_id=env.event_id))
+        for env, _, p in fast])
+    retry_at = now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds)
+    await store.update_payments(conn, now, [
+        {"order_id": p["order_id"], "risk_decision": e.decision, "risk_rules": list(e.rules), "risk_message": e.message,
+         "saga_state": SagaState.HOLDING.value, "next_action_at": retry_at, "attempts": p["attempts"] + 1}
+        for _, e, p in fast])
+    done = {p["order_id"] for _, _, p in fast}
+    return [(env, e) for env, e in items if e.order_id not in done]
+
+
+async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
+    """Wallet payments escrow now holds: post the reservation, publish PaymentSucceeded."""
+    payments = await store.lock_payments(conn, [e.order_id for _, e in items])
+    # The answer to a re-sent hold, already applied: nothing to do, as in funds_held.
+    items = [(env, e) for env, e in items
+             if e.order_id not in payments or payments[e.order_id]["saga_state"] == SagaState.HOLDING.value]
+    fast = [(env, e, payments[e.order_id]) for env, e in items
+            if e.order_id in payments and payments[e.order_id]["payment_method"] == "balance"]
+    if not fast:
+        return items
+    now = ctx.clock.now()
+    order_ids = [p["order_id"] for _, _, p in fast]
+    await ledger.resolve_many(conn, [(f"payment-post:{o}", f"payment:{o}") for o in order_ids], post=True, now=now)
+    await store.update_payments(conn, now, [
+        {"order_id": o, "status": PaymentStatus.HELD.value, "saga_state": SagaState.COMPLETED.value,
+         "next_action_at": None} for o in order_ids])
+    await outbox.add_many(conn, [
+        (topics.PAYMENTS, p["order_id"], events.new_event(
+            PaymentSucceeded(order_id=p["order_id"], payment_id=p["payment_id"], buyer_id=p["buyer_id"],
+                             seller_id=p["seller_id"], amount=p["amount"], payment_method=p["payment_method"],
+                             installments=p["installments"]),
+            source=SOURCE, occurred_at=now, correlation_id=p["order_id"], causation_id=env.event_id))
+        for env, _, p in fast])
+    kept = await store.take_events_many(conn, order_ids, "pending", "forwarded")
+    for order_id in order_ids:  # events that came before the payment completed: now they go on
+        for event in kept.get(order_id, []):
+            await _forward(ctx, conn, event["type"], event["data"], cause=event["event_id"])
+    done = set(order_ids)
+    return [(env, e) for env, e in items if e.order_id not in done]
+
+
 # ---------------------------------------------------------------- the saga worker
 async def saga_worker(ctx: Context, batch: int = 100) -> None:
     """Drives sagas whose next step is due (risk deadlines, card charges, channel deadlines,
@@ -548,17 +651,29 @@ async def saga_worker(ctx: Context, batch: int = 100) -> None:
 
 
 async def run_due_sagas(ctx: Context, batch: int) -> int:
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        due = await store.due_sagas(conn, ctx.clock.now(), batch)
-        for payment in due:
-            with structlog.contextvars.bound_contextvars(correlation_id=payment["order_id"]):
-                try:
-                    async with conn.transaction():  # savepoint: one bad saga does not block the others
-                        await saga_step(ctx, conn, payment)
-                except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
-                    raise
-                except Exception:
-                    log.exception("saga step failed; retrying later")
-                    await store.update_payment(conn, payment["order_id"], ctx.clock.now(),
-                                               next_action_at=ctx.clock.now() + timedelta(seconds=5))
+    """Each due saga in a transaction of its own, so the worker never holds many payments while
+    the consumer waits for them. The consumer locks wallets, then the payments of its next run;
+    the worker a payment, then its wallet: the worker waits at most 100 ms and gives way."""
+    async with ctx.pool.acquire() as conn:
+        due = await store.due_saga_ids(conn, ctx.clock.now(), batch)
+        for order_id in due:
+            with structlog.contextvars.bound_contextvars(correlation_id=order_id):
+                async with conn.transaction():
+                    await conn.execute("SET LOCAL lock_timeout = '100ms'")
+                    payment = await store.lock_due_saga(conn, order_id, ctx.clock.now())
+                    if payment is None:  # another gateway has it, or the consumer moved it on
+                        continue
+                    try:
+                        async with conn.transaction():  # savepoint: a failed step leaves no trace
+                            await saga_step(ctx, conn, payment)
+                    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                        raise
+                    except asyncpg.exceptions.LockNotAvailableError:
+                        log.info("saga step waits for a lock the consumer holds; retrying in a second")
+                        await store.update_payment(conn, order_id, ctx.clock.now(),
+                                                   next_action_at=ctx.clock.now() + timedelta(seconds=1))
+                    except Exception:
+                        log.exception("saga step failed; retrying later")
+                        await store.update_payment(conn, order_id, ctx.clock.now(),
+                                                   next_action_at=ctx.clock.now() + timedelta(seconds=5))
     return len(due)

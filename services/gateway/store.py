@@ -61,11 +61,55 @@ async def update_payment(conn: asyncpg.Connection, order_id: str, now: datetime,
                        order_id, now, *[changes[c] for c in columns])
 
 
-async def due_sagas(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:
-    rows = await conn.fetch(
-        """SELECT * FROM payments WHERE saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1
-           ORDER BY next_action_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
-    return [dict(r) for r in rows]
+async def lock_payments(conn: asyncpg.Connection, order_ids: list[str]) -> dict[str, dict]:
+    """`lock_payment` for many orders, locked in order_id order (no deadlock between batches)."""
+    rows = await conn.fetch("SELECT * FROM payments WHERE order_id = ANY($1::text[]) ORDER BY order_id FOR UPDATE",
+                            sorted(set(order_ids)))
+    return {r["order_id"]: dict(r) for r in rows}
+
+
+async def insert_payments(conn: asyncpg.Connection, orders: list[tuple[str, OrderPlaced, str]], now: datetime, *,
+                          saga_state: str, next_action_at: datetime | None, deadline_at: datetime | None) -> set[str]:
+    """`insert_payment` for many (event_id, order, payment_id), straight into `saga_state`;
+    returns the order ids inserted (the others already had a payment)."""
+    rows = await conn.fetchmany(
+        """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency,
+                                 payment_method, card_token, installments, auto_confirm_days, status, saga_state,
+                                 accepted_at, updated_at, next_action_at, deadline_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'PENDING', $12, $13, $13, $14, $15)
+           ON CONFLICT (order_id) DO NOTHING RETURNING order_id""",
+        [(o.order_id, event_id, payment_id, o.buyer_id, o.seller_id, o.amount, o.currency, o.payment_method,
+          o.card_token, o.installments, o.auto_confirm_days, saga_state, now, next_action_at, deadline_at)
+         for event_id, o, payment_id in orders])
+    return {r["order_id"] for r in rows}
+
+
+async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list[dict]) -> None:
+    """`update_payment` for many orders in one round trip; every dict has `order_id` and the
+    same other keys."""
+    if not changes:
+        return
+    columns = [c for c in changes[0] if c != "order_id"]
+    assignments = ", ".join(f"{c} = ${i + 3}" for i, c in enumerate(columns))
+    await conn.executemany(f"UPDATE payments SET updated_at = $2, {assignments} WHERE order_id = $1",
+                           [(c["order_id"], now, *[c[k] for k in columns]) for c in changes])
+
+
+_DUE = "saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1"
+
+
+async def due_saga_ids(conn: asyncpg.Connection, now: datetime, limit: int) -> list[str]:
+    """Orders whose saga step is due, oldest first (not locked: see lock_due_saga)."""
+    rows = await conn.fetch(f"SELECT order_id FROM payments WHERE {_DUE} ORDER BY next_action_at LIMIT $2", now, limit)
+    return [r["order_id"] for r in rows]
+
+
+async def lock_due_saga(conn: asyncpg.Connection, order_id: str, now: datetime) -> dict | None:
+    """The payment, locked, if its step is still due and nobody else holds it (SKIP LOCKED lets
+    several gateways share the work)."""
+    row = await conn.fetchrow(f"SELECT * FROM payments WHERE {_DUE} AND order_id = $2 FOR UPDATE SKIP LOCKED",
+                              now, order_id)
+    return dict(row) if row else None
 
 
 # ---------------------------------------------------------------- upstream order events
@@ -74,6 +118,26 @@ async def record_order_event(conn: asyncpg.Connection, event_id: str, order_id: 
     await conn.execute(
         """INSERT INTO order_events (event_id, order_id, type, data, received_at, state) VALUES ($1, $2, $3, $4, $5, $6)
            ON CONFLICT DO NOTHING""", event_id, order_id, type_, data, now, state)
+
+
+async def record_order_events(conn: asyncpg.Connection, rows: list[tuple[str, str, str, dict, str]],
+                              now: datetime) -> None:
+    """`record_order_event` for many (event_id, order_id, type, data, state) in one round trip."""
+    await conn.executemany(
+        """INSERT INTO order_events (event_id, order_id, type, data, received_at, state) VALUES ($1, $2, $3, $4, $6, $5)
+           ON CONFLICT DO NOTHING""", [(*r, now) for r in rows])
+
+
+async def take_events_many(conn: asyncpg.Connection, order_ids: list[str], state: str,
+                           new_state: str) -> dict[str, list[dict]]:
+    """`take_events` for many orders: order_id -> its events, oldest first."""
+    rows = await conn.fetch(
+        """UPDATE order_events SET state = $3 WHERE order_id = ANY($1::text[]) AND state = $2
+           RETURNING order_id, event_id, type, data, seq""", order_ids, state, new_state)
+    taken: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["seq"]):
+        taken.setdefault(r["order_id"], []).append(dict(r))
+    return taken
 
 
 async def take_events(conn: asyncpg.Connection, order_id: str, state: str, new_state: str) -> list[dict]:
