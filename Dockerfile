@@ -11,9 +11,20 @@
 # shared/settings.py): KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, the four *_URL (a service listens
 # on the port of its own URL), DANBAO_CLOCK, DANBAO_API_TOKEN, DANBAO_JWT_SECRET. There are no
 # secrets in the image: the services refuse to start without DANBAO_API_TOKEN and DANBAO_JWT_SECRET.
+#
+# Build arguments and secrets:
+#   DANBAO_BASE_IMAGE   the base of both stages (default python:3.11-slim, the official image). It
+#                       must provide `python` 3.11 with venv, and groupadd/useradd. On a machine
+#                       without an image registry, deploy/containers/python.Containerfile builds
+#                       one from Debian's packages (`./danbao containers` does).
+#   --secret id=ca,src=FILE   optional: a PEM bundle of extra CA certificates pip must trust to
+#                       reach PyPI (e.g. behind a TLS-inspecting proxy); used by pip only, never
+#                       stored in a layer.
+
+ARG DANBAO_BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- build stage
-FROM python:3.11-slim AS build
+FROM ${DANBAO_BASE_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -27,19 +38,23 @@ WORKDIR /src
 # Dependencies first (their own layer, reused while only the code changes): the pinned list is
 # read from pyproject.toml itself, so there is no second requirements file to keep in step.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
+    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
+ && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install -r /tmp/requirements.txt
 
 # Then the project itself (packages shared*, services*, deploy*, with their migrations/*.sql).
 COPY shared ./shared
 COPY services ./services
-COPY deploy ./deploy
-RUN pip install --no-deps . \
+COPY deploy/*.py ./deploy/
+RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --no-deps . \
  && python -c "import services.gateway.app, services.escrow.app, services.credit.app, services.billing.app"
 
 # ---------------------------------------------------------------- runtime stage
-FROM python:3.11-slim
+FROM ${DANBAO_BASE_IMAGE}
 
 # Non-root, numeric uid so orchestrators can verify runAsNonRoot.
 RUN groupadd --system --gid 10001 danbao \

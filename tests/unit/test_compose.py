@@ -1,5 +1,6 @@
-"""docker-compose.yml and the Dockerfile agree with the settings the services read
-(CONTRACT.md §1 and §7, shared/settings.py). Static checks: no Docker engine needed."""
+"""docker-compose.yml, the Dockerfile and the Containerfiles of deploy/containers agree with the
+settings the services read (shared/settings.py) and with each other. Static checks: no container
+engine needed."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ from shared.settings import DEFAULT_URLS
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+CONTAINERS = ROOT / "deploy" / "containers"
 
 APP_SERVICES = ["gateway", "escrow", "credit", "billing"]
 INFRA_SERVICES = ["kafka", "postgres"]
@@ -75,13 +77,13 @@ def _healthcheck_text(svc: dict) -> str:
     return " ".join(test) if isinstance(test, list) else str(test)
 
 
-def _published_ports(svc: dict) -> list[tuple[int, int]]:
+def _published_ports(svc: dict, env: dict[str, str] | None = None) -> list[tuple[int, int]]:
     out = []
     for entry in svc.get("ports", []):
         if isinstance(entry, dict):
-            out.append((int(entry["published"]), int(entry["target"])))
+            out.append((int(interpolate(str(entry["published"]), env)), int(entry["target"])))
         else:
-            parts = str(entry).split(":")
+            parts = interpolate(str(entry), env).split(":")
             out.append((int(parts[-2]), int(parts[-1])))
     return out
 
@@ -96,6 +98,8 @@ def test_published_port_matches_settings_default_and_env_url(services, name):
     assert default_port == {"gateway": 8001, "escrow": 8002, "credit": 8003, "billing": 8004}[name]
     svc = services[name]
     assert _published_ports(svc) == [(default_port, default_port)]
+    # The host port is a setting (e.g. to run next to a local platform); the container port is not.
+    assert _published_ports(svc, {f"{name.upper()}_HOST_PORT": "18000"}) == [(18000, default_port)]
     env = as_env_dict(svc["environment"])
     own_url = urlparse(env[f"{name.upper()}_URL"])
     assert own_url.scheme == "http"
@@ -114,15 +118,16 @@ def test_every_setting_is_set(services, name):
         assert env[f"{other.upper()}_URL"] == f"http://{other}:{urlparse(DEFAULT_URLS[other]).port}"
     assert interpolate(env["DANBAO_CLOCK"]) == "system"
     assert interpolate(env["DANBAO_CLOCK"], {"DANBAO_CLOCK": "controllable"}) == "controllable"
-    db = urlparse(interpolate(env["DATABASE_URL"]))
+    db = urlparse(interpolate(env["DATABASE_URL"], {"POSTGRES_PASSWORD": "s3cret"}))
     assert (db.scheme, db.username, db.password, db.hostname, db.port, db.path) == (
-        "postgresql", "danbao", "danbao", "postgres", 5432, "/danbao")
-    assert urlparse(interpolate(env["DATABASE_URL"], {"POSTGRES_PASSWORD": "s3cret"})).password == "s3cret"
+        "postgresql", "danbao", "s3cret", "postgres", 5432, "/danbao")
     # The secrets have no default: compose must refuse to start without them (CONTRACT.md §7).
     for secret in ("DANBAO_API_TOKEN", "DANBAO_JWT_SECRET"):
         with pytest.raises(KeyError):
             interpolate(env[secret])
         assert interpolate(env[secret], {secret: "x"}) == "x"
+    with pytest.raises(KeyError):
+        interpolate(env["DATABASE_URL"])  # no default Postgres password either
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -155,7 +160,8 @@ def test_app_services_share_one_image(services, name):
 
 def test_kafka_is_single_node_kraft(services):
     kafka = services["kafka"]
-    assert kafka["image"] == "apache/kafka:3.9.1"
+    assert interpolate(kafka["image"]) == "apache/kafka:3.9.1"
+    assert interpolate(kafka["image"], {"KAFKA_IMAGE": "localhost/danbao-kafka:3.9.1"}) == "localhost/danbao-kafka:3.9.1"
     env = as_env_dict(kafka["environment"])
     assert {r.strip() for r in env["KAFKA_PROCESS_ROLES"].split(",")} == {"broker", "controller"}
     assert env["KAFKA_NODE_ID"] == "1"
@@ -170,11 +176,16 @@ def test_kafka_is_single_node_kraft(services):
 
 def test_postgres(services):
     pg = services["postgres"]
-    assert pg["image"] == "postgres:15"
+    assert interpolate(pg["image"]) == "postgres:15"
+    assert interpolate(pg["image"], {"POSTGRES_IMAGE": "localhost/danbao-postgres:15"}) == "localhost/danbao-postgres:15"
     env = as_env_dict(pg["environment"])
     assert env["POSTGRES_DB"] == "danbao"
     assert env["POSTGRES_USER"] == "danbao"
-    assert interpolate(env["POSTGRES_PASSWORD"]) == "danbao"
+    with pytest.raises(KeyError):
+        interpolate(env["POSTGRES_PASSWORD"])
+    assert interpolate(env["POSTGRES_PASSWORD"], {"POSTGRES_PASSWORD": "s3cret"}) == "s3cret"
+    # Reachable from the host on 127.0.0.1 only, like the local Postgres of ./danbao.
+    assert [interpolate(p) for p in pg["ports"]] == ["127.0.0.1:5432:5432"]
     assert "pg_isready" in _healthcheck_text(pg)
 
 
@@ -195,7 +206,9 @@ def test_dockerfile():
                     if line.strip() and not line.lstrip().startswith("#") and line[:1] not in (" ", "\t")]
     keywords = [parts[0].upper() for parts in instructions]
     froms = [parts[1].split()[0] for parts in instructions if parts[0].upper() == "FROM"]
-    assert froms and all(image == "python:3.11-slim" for image in froms)
+    # The base image is a build argument whose default is the official image.
+    assert froms and all(image == "${DANBAO_BASE_IMAGE}" for image in froms)
+    assert "DANBAO_BASE_IMAGE=python:3.11-slim" in [parts[1].strip() for parts in instructions if parts[0].upper() == "ARG"]
     assert "HEALTHCHECK" in keywords
     healthcheck = text[text.index("\nHEALTHCHECK"):]
     assert "urllib" in healthcheck.split("\n\n")[0] and "/health" in healthcheck.split("\n\n")[0]
@@ -210,5 +223,88 @@ def test_risk_engine_runs_from_the_same_image(services):
     assert risk["command"] == ["python", "-m", "services.risk"]
     assert importlib.util.find_spec("services.risk") is not None
     assert risk["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
-    assert "8005:8005" in risk["ports"] and "/health" in " ".join(risk["healthcheck"]["test"])
+    assert [interpolate(p) for p in risk["ports"]] == ["8005:8005"]
+    assert "/health" in " ".join(risk["healthcheck"]["test"])
     assert risk["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_kafka_advertises_the_published_host_port(services):
+    """Clients on the host reach Kafka through the published port, so the host listener must
+    advertise that port, not the container's: both follow KAFKA_HOST_PORT."""
+    kafka = services["kafka"]
+    for env, port in (({}, 9092), ({"KAFKA_HOST_PORT": "19092"}, 19092)):
+        advertised = interpolate(as_env_dict(kafka["environment"])["KAFKA_ADVERTISED_LISTENERS"], env).split(",")
+        assert f"PLAINTEXT_HOST://127.0.0.1:{port}" in advertised
+        assert [interpolate(p, env) for p in kafka["ports"]] == [f"127.0.0.1:{port}:29092"]
+    listeners = as_env_dict(kafka["environment"])["KAFKA_LISTENERS"].split(",")
+    assert "PLAINTEXT_HOST://:29092" in listeners
+
+
+@pytest.mark.parametrize("name", APP_SERVICES + INFRA_SERVICES + ["risk"])
+def test_restart_policy_non_root_user_and_healthcheck(services, name):
+    svc = services[name]
+    assert svc["restart"] == "unless-stopped"
+    user = str(svc["user"]).split(":")[0]
+    assert user not in ("", "0", "root")
+    assert svc["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    if svc["healthcheck"]["test"][0] == "CMD":
+        # Podman 4.3's Docker API splits exec-form health check arguments at spaces.
+        assert not [arg for arg in svc["healthcheck"]["test"] if " " in arg]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES + ["risk"])
+def test_app_image_and_base_are_settings(services, name):
+    svc = services[name]
+    assert interpolate(svc["image"]) == "danbao:local"
+    assert interpolate(svc["image"], {"DANBAO_IMAGE": "localhost/danbao:local"}) == "localhost/danbao:local"
+    assert str(svc["user"]) == "10001:10001"  # the Dockerfile's USER
+    if name != "risk":
+        arg = svc["build"]["args"]["DANBAO_BASE_IMAGE"]
+        assert interpolate(arg) == "python:3.11-slim"
+        assert interpolate(arg, {"DANBAO_BASE_IMAGE": "localhost/danbao-python:3.11"}) == "localhost/danbao-python:3.11"
+
+
+@pytest.mark.parametrize("name", ["python", "kafka", "postgres"])
+def test_containerfiles_build_on_a_debian_base_argument(name):
+    text = (CONTAINERS / f"{name}.Containerfile").read_text()
+    assert re.search(r"^ARG DEBIAN_IMAGE=\S+", text, re.M)
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms and all(f == "${DEBIAN_IMAGE}" for f in froms)
+    if name != "python":
+        users = re.findall(r"^USER (\S+)", text, re.M)
+        assert users and users[-1].split(":")[0] not in ("0", "root")
+        assert re.search(r"^HEALTHCHECK ", text, re.M)
+
+
+def test_kafka_image_uses_the_pinned_maven_project():
+    text = (CONTAINERS / "kafka.Containerfile").read_text()
+    assert "COPY deploy/kafka/pom.xml" in text
+    assert "dependency:copy-dependencies" in text
+    assert "kafka_2.13-3.9.1.jar" in text
+    # The compose health check calls this path, as in apache/kafka.
+    assert "/opt/kafka/bin/kafka-broker-api-versions.sh" in " ".join(
+        yaml.safe_load(COMPOSE.read_text())["services"]["kafka"]["healthcheck"]["test"])
+    assert (CONTAINERS / "kafka" / "kafka-broker-api-versions.sh").is_file()
+
+
+def _kafka_properties(env: dict[str, str]) -> dict[str, str]:
+    """The broker properties deploy/containers/kafka/run derives from an environment."""
+    import subprocess
+
+    script = (CONTAINERS / "kafka" / "run").read_text()
+    head = script[: script.index("from_env=$(properties_from_env)")]
+    out = subprocess.run(["sh", "-c", head + "properties_from_env"], env={"PATH": "/usr/bin:/bin", **env},
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def test_kafka_image_reads_settings_like_apache_kafka(services):
+    env = as_env_dict(services["kafka"]["environment"])
+    env = {k: interpolate(v) for k, v in env.items()}
+    props = _kafka_properties(env)
+    assert props["process.roles"] == "broker,controller"
+    assert props["advertised.listeners"] == "PLAINTEXT://kafka:9092,PLAINTEXT_HOST://127.0.0.1:9092"
+    assert props["offsets.topic.replication.factor"] == "1"
+    assert props["auto.create.topics.enable"] == "false"
+    assert "heap.opts" not in props and "CLUSTER_ID" not in props  # JVM and image settings
+    assert _kafka_properties({"KAFKA_A__B": "1", "KAFKA_C___D": "2"}) == {"a_b": "1", "c-d": "2"}
