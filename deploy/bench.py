@@ -223,6 +223,7 @@ async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, 
     buyer_of = {order: buyer for order, buyer, _ in work.orders}
     outcomes = Outcomes(set(buyer_of))
     await outcomes.start(await producer.partitions_for(PAYMENTS_TOPIC))
+    print(f"   {len(work.funding())} buyers registered and funded; publishing", flush=True)
     try:
         sent: dict[str, float] = {}
         worst_lag = 0.0

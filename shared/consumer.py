@@ -61,6 +61,10 @@ class Subscription:
             self.schemas = events.SCHEMAS[self.topic]
 
 
+class _SetPathFailed(Exception):
+    """A batch handler raised: the batch's transaction is gone, apply it again one by one."""
+
+
 @dataclass
 class _Decoded:
     record: Any
@@ -114,57 +118,65 @@ class ConsumerLoop:
             await self.consumer.stop()
 
     async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """The whole batch in one transaction: decode, one inbox statement for every record,
-        then runs of same-type records as sets where the type has a batch handler, the rest
-        one by one in a savepoint each."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            for tp, records in batch.items():
-                with metrics.HANDLER_SECONDS.labels(topic=tp.topic).time():
-                    await self._apply_partition(conn, tp.topic, records)
+        """The whole batch in one transaction. Should a set path fail (a case it did not
+        foresee), the transaction is rolled back and the batch applied again one by one: that
+        way the set paths need no savepoints, which would cost two round trips per run."""
+        try:
+            await self._apply(batch, sets=True)
+        except _SetPathFailed as exc:
+            log.warning("set path failed; the batch is applied again one by one", error=repr(exc.__cause__))
+            await self._apply(batch, sets=False)
 
-    async def _apply_partition(self, conn: asyncpg.Connection, topic: str, records: list[Any]) -> None:
-        sub = self.by_topic[topic]
-        decoded: list[_Decoded] = []
-        for record in records:
-            try:
-                env, data = events.decode(record.value, sub.schemas, topic)
-            except DecodeError as exc:
-                await self._dead_letter(conn, record, exc.code, exc.message)
-                continue
-            decoded.append(_Decoded(record, env, data))
-        if not decoded:
-            return
-        fresh = await inbox.first_deliveries(conn, [d.env.event_id for d in decoded], topic)
-        todo: list[_Decoded] = []
-        duplicates = 0
-        for d in decoded:
-            if d.env.event_id in fresh:
-                fresh.discard(d.env.event_id)  # the same event twice in one batch: the first counts
-                todo.append(d)
-            else:
-                duplicates += 1
-        if duplicates:
-            metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc(duplicates)
-            log.info("duplicate deliveries ignored", topic=topic, count=duplicates)
-        for run in _runs(todo, sub):
+    async def _apply(self, batch: dict[TopicPartition, list[Any]], *, sets: bool) -> None:
+        """Decode; one inbox statement for every record of the batch; then, topic by topic (its
+        partitions together: each order lives in one partition), runs of same-type records as
+        sets where the type has a batch handler, the rest one by one in a savepoint each."""
+        by_topic: dict[str, list[Any]] = {}
+        for tp, records in batch.items():
+            by_topic.setdefault(tp.topic, []).extend(records)
+        async with self.pool.acquire() as conn, conn.transaction():
+            decoded: dict[str, list[_Decoded]] = {}
+            for topic, records in by_topic.items():
+                decoded[topic] = []
+                for record in records:
+                    try:
+                        env, data = events.decode(record.value, self.by_topic[topic].schemas, topic)
+                    except DecodeError as exc:
+                        await self._dead_letter(conn, record, exc.code, exc.message)
+                        continue
+                    decoded[topic].append(_Decoded(record, env, data))
+            all_ = [(d.env.event_id, topic) for topic, ds in decoded.items() for d in ds]
+            fresh = await inbox.first_deliveries(conn, [k for k, _ in all_], [t for _, t in all_]) if all_ else set()
+            for topic, ds in decoded.items():
+                todo: list[_Decoded] = []
+                for d in ds:
+                    if d.env.event_id in fresh:
+                        fresh.discard(d.env.event_id)  # the same event twice in one batch: the first counts
+                        todo.append(d)
+                if len(todo) < len(ds):
+                    metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc(len(ds) - len(todo))
+                    log.info("duplicate deliveries ignored", topic=topic, count=len(ds) - len(todo))
+                with metrics.HANDLER_SECONDS.labels(topic=topic).time():
+                    await self._apply_topic(conn, self.by_topic[topic], todo, sets)
+
+    async def _apply_topic(self, conn: asyncpg.Connection, sub: Subscription, todo: list[_Decoded],
+                           sets: bool) -> None:
+        for run in _runs(todo, sub) if sets else ([d] for d in todo):
             if len(run) > 1:
                 run = await self._apply_set(conn, sub, run)
             for d in run:
                 await self._apply_one(conn, sub, d)
 
     async def _apply_set(self, conn: asyncpg.Connection, sub: Subscription, run: list[_Decoded]) -> list[_Decoded]:
-        """Apply a run with its batch handler; returns the records left for one-by-one handling
-        (all of them when the set path fails: its savepoint leaves no trace)."""
+        """Apply a run with its batch handler; returns the records it left for one-by-one handling."""
         handler = sub.batch_handlers[run[0].env.type]
         by_id = {d.env.event_id: d for d in run}
         try:
-            async with conn.transaction():
-                left = await handler(conn, [(d.env, d.data) for d in run])
+            left = await handler(conn, [(d.env, d.data) for d in run])
         except TRANSIENT:
             raise
         except Exception as exc:
-            log.warning("set path failed; applying one by one", topic=sub.topic, records=len(run), error=repr(exc))
-            return run
+            raise _SetPathFailed() from exc
         left_ids = {env.event_id for env, _ in left}
         applied = len(run) - len(left_ids)
         if applied:

@@ -15,9 +15,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Released connections skip asyncpg's reset query (RESET ALL, UNLISTEN, ...: a round trip
+    per release). Nothing here changes session state: settings are SET LOCAL, advisory locks are
+    transaction-level, and the relay listens on a connection of its own. An open transaction is
+    still rolled back by the pool."""
+
+
 async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
         server_settings={"search_path": schema, "application_name": f"danbao-{schema}"},
     )
 

@@ -13,10 +13,10 @@ async def first_delivery(conn: asyncpg.Connection, message_key: str, topic: str)
     return bool(inserted)
 
 
-async def first_deliveries(conn: asyncpg.Connection, message_keys: list[str], topic: str) -> set[str]:
-    """`first_delivery` for many keys in one statement: the keys recorded now (the others were
-    recorded before). A key given twice is returned once."""
+async def first_deliveries(conn: asyncpg.Connection, message_keys: list[str], topics: list[str]) -> set[str]:
+    """`first_delivery` for many (key, topic) pairs in one statement: the keys recorded now (the
+    others were recorded before). A key given twice is returned once."""
     rows = await conn.fetch(
-        """INSERT INTO inbox (message_key, topic) SELECT k, $2 FROM unnest($1::text[]) AS k
-           ON CONFLICT DO NOTHING RETURNING message_key""", message_keys, topic)
+        """INSERT INTO inbox (message_key, topic) SELECT k, t FROM unnest($1::text[], $2::text[]) AS u(k, t)
+           ON CONFLICT DO NOTHING RETURNING message_key""", message_keys, topics)
     return {r["message_key"] for r in rows}

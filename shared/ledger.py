@@ -165,40 +165,52 @@ async def _add_totals(conn: asyncpg.Connection, deltas: dict[str, list[int]]) ->
         ids, *([deltas[i][k] for i in ids] for k in range(4)))
 
 
-async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], now: datetime) -> set[str]:
-    """`transfer` for many at once; returns the ids applied now (the others were applied before).
-    InsufficientFunds, before anything is written, when the transfers together would overdraw a
-    no-overdraft account (counting repeats too: the caller then goes one by one, which is exact)."""
+async def _open_and_lock(conn: asyncpg.Connection, accounts: list[str]) -> dict[str, int]:
+    """Open the accounts not opened yet and lock the total-keeping ones in id order, in one
+    statement; returns what each total-keeping account has available (0 for one opened now)."""
+    rows = await conn.fetch(
+        """WITH opened AS (INSERT INTO ledger_accounts (id, no_overdraft)
+                           SELECT i, o FROM unnest($1::text[], $2::bool[]) AS u(i, o) ON CONFLICT (id) DO NOTHING)
+           SELECT id, credits_posted - debits_posted - debits_pending AS available FROM ledger_accounts
+           WHERE id = ANY($3::text[]) ORDER BY id FOR UPDATE""",
+        accounts, [a.startswith(NO_OVERDRAFT_PREFIXES) for a in accounts], [a for a in accounts if _keeps_totals(a)])
+    return {r["id"]: r["available"] for r in rows}
+
+
+async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], now: datetime, *,
+                        partial: bool = False) -> tuple[set[str], set[str]]:
+    """`transfer` for many at once: (ids applied now, ids refused). Already applied ids are in
+    neither. Without `partial`, a transfer that would overdraw a no-overdraft account raises
+    InsufficientFunds before anything is written; with it, the transfers are taken in order and
+    those that no longer fit are refused (counting repeats too: a caller that must be exact about
+    a repeated transfer goes one by one)."""
     if not transfers:
-        return set()
+        return set(), set()
     for t in transfers:
         if not isinstance(t.amount, int) or t.amount <= 0:
             raise ValueError(f"a transfer moves a positive whole number of fen, not {t.amount!r}")
-    accounts = sorted({a for t in transfers for a in (t.debit, t.credit)})
-    await conn.execute(
-        """INSERT INTO ledger_accounts (id, no_overdraft) SELECT i, o FROM unnest($1::text[], $2::bool[]) AS u(i, o)
-           ON CONFLICT (id) DO NOTHING""", accounts, [a.startswith(NO_OVERDRAFT_PREFIXES) for a in accounts])
-    totals = [a for a in accounts if _keeps_totals(a)]
-    if totals:
-        available = await available_many(conn, totals)
-        needed: dict[str, int] = {}
-        for t in transfers:
-            if _keeps_totals(t.debit):
-                needed[t.debit] = needed.get(t.debit, 0) + t.amount
-        for account_id, amount in needed.items():
-            if available.get(account_id, 0) < amount:
-                raise InsufficientFunds(f"{account_id} cannot pay {amount}")
+    available = await _open_and_lock(conn, sorted({a for t in transfers for a in (t.debit, t.credit)}))
+    refused: set[str] = set()
+    for t in transfers:
+        if _keeps_totals(t.debit):
+            if available.get(t.debit, 0) < t.amount:
+                if not partial:
+                    raise InsufficientFunds(f"{t.debit} cannot pay {t.amount}")
+                refused.add(t.id)
+                continue
+            available[t.debit] -= t.amount
+    todo = [t for t in transfers if t.id not in refused]
     rows = await conn.fetch(
         """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, code, order_id, created_at)
            SELECT i, d, c, a, k, code, o, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
                                                    $6::text[], $7::text[]) AS u(i, d, c, a, k, code, o)
            ON CONFLICT (id) DO NOTHING RETURNING id""",
-        [t.id for t in transfers], [t.debit for t in transfers], [t.credit for t in transfers],
-        [t.amount for t in transfers], ["pending" if t.pending else "posted" for t in transfers],
-        [t.code for t in transfers], [t.order_id for t in transfers], now)
+        [t.id for t in todo], [t.debit for t in todo], [t.credit for t in todo],
+        [t.amount for t in todo], ["pending" if t.pending else "posted" for t in todo],
+        [t.code for t in todo], [t.order_id for t in todo], now) if todo else []
     applied = {r["id"] for r in rows}
     deltas: dict[str, list[int]] = {}
-    for t in transfers:
+    for t in todo:
         if t.id not in applied:
             continue
         if _keeps_totals(t.debit):
@@ -206,40 +218,31 @@ async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], 
         if _keeps_totals(t.credit):
             deltas.setdefault(t.credit, [0, 0, 0, 0])[3 if t.pending else 1] += t.amount
     await _add_totals(conn, deltas)
-    return applied
+    return applied, refused
 
 
 async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, str]], *, post: bool,
                        now: datetime) -> set[str]:
     """Post (or void) many pending transfers: resolutions are (transfer_id, pending_id). Returns
-    the pending ids resolved now; LookupError when one of them is not a pending transfer."""
+    the pending ids resolved now (the others were resolved before, or are no pending transfer:
+    `_resolve` tells those apart, one by one)."""
     if not resolutions:
         return set()
     pending_ids = [p for _, p in resolutions]
-    rows = await conn.fetch(
-        """SELECT id, debit_account, credit_account, amount, code, order_id FROM ledger_transfers
-           WHERE id = ANY($1::text[]) AND kind = 'pending'""", pending_ids)
-    pending = {r["id"]: r for r in rows}
-    missing = [p for p in pending_ids if p not in pending]
-    if missing:
-        raise LookupError(f"no pending transfer {missing[0]}")
-    totals = sorted({a for r in rows for a in (r["debit_account"], r["credit_account"]) if _keeps_totals(a)})
-    if totals:
-        await available_many(conn, totals)  # lock in id order
-    ps = [pending[p] for p in pending_ids]
+    # Lock the total-keeping accounts they touch, in id order, before changing their totals.
+    await conn.execute(
+        """SELECT 1 FROM ledger_accounts WHERE no_overdraft AND id IN (
+               SELECT debit_account FROM ledger_transfers WHERE id = ANY($1::text[])
+               UNION SELECT credit_account FROM ledger_transfers WHERE id = ANY($1::text[]))
+           ORDER BY id FOR UPDATE""", pending_ids)
     done = await conn.fetch(
         """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, pending_id, code, order_id, created_at)
-           SELECT i, d, c, a, $9, p, code, o, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                                           $6::text[], $7::text[]) AS u(i, d, c, a, p, code, o)
-           ON CONFLICT DO NOTHING RETURNING pending_id""",
-        [t for t, _ in resolutions], [r["debit_account"] for r in ps], [r["credit_account"] for r in ps],
-        [r["amount"] for r in ps], pending_ids, [r["code"] for r in ps], [r["order_id"] for r in ps], now,
-        "post_pending" if post else "void_pending")
-    resolved = {r["pending_id"] for r in done}
+           SELECT u.i, p.debit_account, p.credit_account, p.amount, $3, p.id, p.code, p.order_id, $4
+           FROM unnest($1::text[], $2::text[]) AS u(i, pid) JOIN ledger_transfers p ON p.id = u.pid AND p.kind = 'pending'
+           ON CONFLICT DO NOTHING RETURNING pending_id, debit_account, credit_account, amount""",
+        [t for t, _ in resolutions], pending_ids, "post_pending" if post else "void_pending", now)
     deltas: dict[str, list[int]] = {}
-    for r in ps:
-        if r["id"] not in resolved:
-            continue
+    for r in done:
         amount = r["amount"]
         if _keeps_totals(r["debit_account"]):
             d = deltas.setdefault(r["debit_account"], [0, 0, 0, 0])
@@ -250,7 +253,7 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
             d[3] -= amount
             d[1] += amount if post else 0
     await _add_totals(conn, deltas)
-    return resolved
+    return {r["pending_id"] for r in done}
 
 
 async def pending_state(conn: asyncpg.Connection, pending_id: str) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 import asyncpg
 import structlog
 import uvicorn
+import uvloop
 from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter
 
@@ -104,6 +105,7 @@ async def run(spec: ServiceSpec) -> None:
 
 def main(spec: ServiceSpec) -> None:
     try:
-        asyncio.run(run(spec))
+        # uvloop: the event loop in C (docs/performance.md has what it saves per saga).
+        uvloop.run(run(spec))
     except settings_mod.SettingsError as exc:
         raise SystemExit(f"danbao-{spec.name}: {exc}") from None

@@ -1,14 +1,19 @@
 """Test infrastructure: the real Kafka and Postgres.
 
-With a reachable Docker engine the session starts them with testcontainers; otherwise it uses
-the locally started ones (`./danbao test` starts them: KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL,
-defaults as in CONTRACT.md §1). Which one is used is printed in the test header. Nothing is
-skipped: if neither is reachable, the session stops with the reason.
+With a reachable Docker API (DOCKER_HOST, e.g. the Podman socket `./danbao containers test`
+starts) the session starts them with testcontainers, as containers of KAFKA_IMAGE and
+POSTGRES_IMAGE (defaults: the official apache/kafka:3.9.1 and postgres:15; `./danbao containers
+test` passes the images it builds from deploy/containers/). Otherwise it uses the locally started
+ones (`./danbao test` starts them: KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL, defaults as in the
+README). Which one is used is printed in the test header. Nothing is skipped: if neither is
+reachable, the session stops with the reason.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
@@ -52,16 +57,95 @@ def _with_database(url: str, name: str) -> str:
 _containers: list = []
 
 
+KAFKA_START_FILE = "/tmp/danbao-kafka-start.env"
+
+
+def _host(container) -> str:
+    host = container.get_container_host_ip()
+    return "127.0.0.1" if host == "localhost" else host  # the engine publishes on IPv4
+
+
+def _start_kafka(image: str):
+    """One Kafka node (KRaft) from an image configured like apache/kafka (KAFKA_* settings): the
+    official apache/kafka:3.9.1 or deploy/containers/kafka.Containerfile.
+
+    The service processes run outside the container, so the broker must advertise the host port
+    the engine mapped to its listener, which differs from the container port and is known only
+    once the container exists. So the container starts waiting for a start file; once it runs,
+    the file gets the advertised listener with the mapped port, and the image's own entry point
+    takes over (as testcontainers' KafkaContainer does for the Confluent image)."""
+    import shlex
+
+    from testcontainers.core.container import DockerContainer
+
+    kafka = DockerContainer(image)
+    config = kafka.get_docker_client().client.images
+    try:
+        image_config = config.get(image).attrs["Config"]
+    except Exception:
+        image_config = config.pull(image).attrs["Config"]
+    original = [*(image_config.get("Entrypoint") or []), *(image_config.get("Cmd") or [])]
+    kafka.with_kwargs(entrypoint=["sh", "-c"])
+    kafka.with_command([f"while [ ! -f {KAFKA_START_FILE} ]; do sleep 0.1; done; . {KAFKA_START_FILE}; "
+                        f"exec {shlex.join(original)}"])
+    kafka.with_exposed_ports(9092)
+    kafka.with_envs(
+        CLUSTER_ID="ZGFuYmFvLXRlc3QtMDAwMQ", KAFKA_NODE_ID="1", KAFKA_PROCESS_ROLES="broker,controller",
+        # PLAINTEXT: processes on the host, through the mapped port. BROKER: inside the container.
+        KAFKA_LISTENERS="PLAINTEXT://:9092,BROKER://:9094,CONTROLLER://:9093",
+        KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="PLAINTEXT:PLAINTEXT,BROKER:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        KAFKA_INTER_BROKER_LISTENER_NAME="BROKER", KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+        KAFKA_CONTROLLER_QUORUM_VOTERS="1@localhost:9093", KAFKA_LOG_DIRS="/var/lib/kafka/data",
+        KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1", KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+        KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1", KAFKA_AUTO_CREATE_TOPICS_ENABLE="false",
+        KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0", KAFKA_NUM_PARTITIONS="4",
+        KAFKA_HEAP_OPTS="-Xms256m -Xmx512m")
+    kafka.start()
+    _containers.append(kafka)
+    bootstrap = f"{_host(kafka)}:{kafka.get_exposed_port(9092)}"
+    advertised = f"PLAINTEXT://{bootstrap},BROKER://localhost:9094"
+    result = kafka.get_wrapped_container().exec_run(
+        ["sh", "-c", f"echo 'export KAFKA_ADVERTISED_LISTENERS={advertised}' > {KAFKA_START_FILE}.tmp "
+                     f"&& mv {KAFKA_START_FILE}.tmp {KAFKA_START_FILE}"])
+    assert result.exit_code == 0, result.output
+    deadline = time.monotonic() + 120
+    quiet = logging.getLogger("aiokafka")  # "Unable connect" errors while the broker starts
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        while True:
+            try:
+                asyncio.run(ping(bootstrap, timeout=5))
+                return bootstrap
+            except Exception:
+                kafka.get_wrapped_container().reload()
+                if time.monotonic() > deadline or kafka.get_wrapped_container().status == "exited":
+                    raise RuntimeError(f"Kafka from {image} did not start: {kafka.get_logs()[0].decode()[-2000:]}")
+                time.sleep(1)
+    finally:
+        quiet.setLevel(level)
+
+
 def _start_containers() -> tuple[str, str]:
-    from testcontainers.kafka import KafkaContainer
+    # A local engine (a Unix socket): the containers are reached at their mapped ports on this
+    # host, even when this host carries the /.dockerenv marker of a container.
+    if os.environ.get("DOCKER_HOST", "unix://").startswith("unix://"):
+        os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
     from testcontainers.postgres import PostgresContainer
 
-    kafka = KafkaContainer("confluentinc/cp-kafka:7.7.1").with_kraft()
-    postgres = PostgresContainer("postgres:15", username="danbao", password="danbao", dbname="danbao", driver=None)
-    kafka.start()
+    kafka = _start_kafka(_images()["kafka"])
+    postgres = PostgresContainer(_images()["postgres"], username="danbao", password="danbao", dbname="danbao",
+                                 driver=None)
+    # Room for five service processes and the tests; a throwaway database needs no fsync.
+    postgres.with_command(["postgres", "-c", "max_connections=200", "-c", "fsync=off",
+                           "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
     postgres.start()
-    _containers.extend([kafka, postgres])
-    return kafka.get_bootstrap_server(), postgres.get_connection_url()
+    _containers.append(postgres)
+    return kafka, postgres.get_connection_url(host=_host(postgres))
+
+
+def _images() -> dict[str, str]:
+    return {"kafka": os.environ.get("KAFKA_IMAGE") or "apache/kafka:3.9.1",
+            "postgres": os.environ.get("POSTGRES_IMAGE") or "postgres:15"}
 
 
 async def _fresh_database(admin_url: str) -> str:
@@ -107,8 +191,9 @@ def pytest_report_header(config):
     if config.args and all("unit" in os.path.normpath(str(a)).split(os.sep) for a in config.args):
         return None  # unit tests only: no infrastructure needed
     infra = get_infra()
-    how = ("Docker engine found: Kafka and Postgres from testcontainers" if infra.kind == "testcontainers"
-           else "no Docker engine: using the locally started Kafka and Postgres")
+    how = (f"Docker API at {os.environ.get('DOCKER_HOST') or 'the default socket'}: Kafka and Postgres from "
+           f"testcontainers ({_images()['kafka']}, {_images()['postgres']})" if infra.kind == "testcontainers"
+           else "no Docker API reachable: using the locally started Kafka and Postgres")
     return [f"danbao infra: {how}", f"danbao infra: kafka={infra.kafka} database={infra.database_url}"]
 
 

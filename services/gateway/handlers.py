@@ -585,18 +585,14 @@ async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -
                   and payments[e.order_id]["payment_method"] == "balance"]
     if not candidates:
         return items
-    available = await ledger.available_many(conn, [wallet(p["buyer_id"]) for _, _, p in candidates])
-    fast = []
-    for env, e, p in candidates:  # in order: an order the wallet cannot pay goes one by one (and fails)
-        if available.get(wallet(p["buyer_id"]), 0) >= p["amount"]:
-            available[wallet(p["buyer_id"])] -= p["amount"]
-            fast.append((env, e, p))
-    if not fast:
-        return items
     now = ctx.clock.now()
-    await ledger.transfer_many(conn, [
+    # In order; an order its wallet can no longer pay is refused here and goes one by one (and fails).
+    applied, refused = await ledger.transfer_many(conn, [
         ledger.NewTransfer(f"payment:{p['order_id']}", wallet(p["buyer_id"]), "escrow", p["amount"], code="payment",
-                           order_id=p["order_id"], pending=True) for _, _, p in fast], now)
+                           order_id=p["order_id"], pending=True) for _, _, p in candidates], now, partial=True)
+    if len(applied) + len(refused) != len(candidates):
+        raise RuntimeError("a wallet payment was reserved before its risk decision")  # one by one sorts it out
+    fast = [(env, e, p) for env, e, p in candidates if f"payment:{p['order_id']}" in applied]
     await outbox.add_many(conn, [
         (topics.ESCROW_COMMANDS, p["order_id"], events.new_event(
             _hold_command(p), source=SOURCE, occurred_at=now, correlation_id=p["order_id"], causation_id=env.event_id))
@@ -622,7 +618,10 @@ async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) 
         return items
     now = ctx.clock.now()
     order_ids = [p["order_id"] for _, _, p in fast]
-    await ledger.resolve_many(conn, [(f"payment-post:{o}", f"payment:{o}") for o in order_ids], post=True, now=now)
+    posted = await ledger.resolve_many(conn, [(f"payment-post:{o}", f"payment:{o}") for o in order_ids], post=True,
+                                       now=now)
+    if len(posted) != len(order_ids):
+        raise RuntimeError("a wallet reservation was missing or resolved already")  # one by one sorts it out
     await store.update_payments(conn, now, [
         {"order_id": o, "status": PaymentStatus.HELD.value, "saga_state": SagaState.COMPLETED.value,
          "next_action_at": None} for o in order_ids])
