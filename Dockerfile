@@ -51,7 +51,8 @@ COPY deploy/*.py ./deploy/
 RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install --no-deps . \
- && python -c "import services.gateway.app, services.escrow.app, services.credit.app, services.billing.app"
+ && python -c "import services.gateway.app, services.escrow.app, services.credit.app, services.billing.app" \
+ && pip uninstall -y -q pip setuptools  # installers are not needed at run time
 
 # ---------------------------------------------------------------- runtime stage
 FROM ${DANBAO_BASE_IMAGE}

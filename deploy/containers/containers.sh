@@ -125,9 +125,9 @@ ct_image_exists() { ct_engine image exists "$1" 2>/dev/null || ct_engine image i
 ct_mirror() {  # debian | debian-security
   local want=$1 url
   url=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's/^URIs: *//p' | tr ' ' '\n' \
-        | grep -E "/$want/?\$" | head -1)
+        | grep -E "/$want/?\$" | sed -n 1p)
   [ -n "$url" ] || url=$(grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
-        | awk '{print $2}' | grep -E "/$want/?\$" | head -1)
+        | awk '{print $2}' | grep -E "/$want/?\$" | sed -n 1p)
   echo "${url:-http://deb.debian.org/$want}"
 }
 
@@ -157,13 +157,23 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
   # Small images: no recommended packages, no documentation, no apt caches.
-  printf 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n' > "$rootfs/etc/apt/apt.conf.d/90danbao"
+  cat > "$rootfs/etc/apt/apt.conf.d/90danbao" <<'EOF'
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+EOF
   printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
-    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/locale/*' > "$rootfs/etc/dpkg/dpkg.cfg.d/90danbao"
+    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
+    'path-include /usr/share/locale/locale.alias' > "$rootfs/etc/dpkg/dpkg.cfg.d/90danbao"
+  find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
+  find "$rootfs/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+  rm -rf "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+    "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
   mkdir -p "$rootfs/usr/share/man/man1"  # update-alternatives (OpenJDK) links man pages there
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar -C "$rootfs" --numeric-owner -c . | ct_engine import --change 'CMD ["/bin/bash"]' - "$DEBIAN_IMAGE" >/dev/null \
-    || die "importing the Debian base failed"
+  tar -C "$rootfs" --numeric-owner -c . | ct_engine import --change 'CMD ["/bin/bash"]' - "$DEBIAN_IMAGE" \
+      >>"$LOGS/debootstrap.log" 2>&1 || die "importing the Debian base failed: see $LOGS/debootstrap.log"
   rm -rf "$rootfs"
 }
 
@@ -218,7 +228,7 @@ ct_host_env() {
 
 ct_health() {  # container -> healthy | starting | unhealthy | none | missing
   local id; id=$(ct_engine ps -q --filter "label=com.docker.compose.project=$CT_PROJECT" \
-    --filter "label=com.docker.compose.service=$1" | head -1)
+    --filter "label=com.docker.compose.service=$1" | sed -n 1p)
   [ -n "$id" ] || { echo missing; return; }
   ct_engine inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id" 2>/dev/null || echo missing
 }
@@ -264,7 +274,8 @@ ct_status() {
 ct_down() {
   if [ "$CT_ENGINE" = podman ] && ! command -v podman >/dev/null; then log "Podman is not installed: nothing runs"; return 0; fi
   ct_install
-  if ct_engine ps -aq --filter "label=com.docker.compose.project=$CT_PROJECT" | grep -q .; then
+  local ids; ids=$(ct_engine ps -aq --filter "label=com.docker.compose.project=$CT_PROJECT")
+  if [ -n "$ids" ]; then
     ct_socket_start
     log "stopping and removing the containers of $CT_PROJECT"
     export DANBAO_API_TOKEN="${DANBAO_API_TOKEN:-x}" DANBAO_JWT_SECRET="${DANBAO_JWT_SECRET:-x}" \
@@ -274,8 +285,8 @@ ct_down() {
   fi
   ct_ticker_stop
   ct_socket_stop
-  local left; left=$(ct_engine ps -aq --filter "label=com.docker.compose.project=$CT_PROJECT")
-  [ -z "$left" ] || die "containers left: $left"
+  ids=$(ct_engine ps -aq --filter "label=com.docker.compose.project=$CT_PROJECT")
+  [ -z "$ids" ] || die "containers left: $(echo $ids)"
   log "nothing of $CT_PROJECT is running"
 }
 
@@ -305,7 +316,7 @@ containers_main() {
     test)   ct_test "$@" ;;
     status) ct_install; ct_secrets >/dev/null; ct_status ;;
     logs)   ct_install; ct_engine logs -f --tail 100 "$(ct_engine ps -q --filter "label=com.docker.compose.project=$CT_PROJECT" \
-              --filter "label=com.docker.compose.service=${1:?which container}" | head -1)" ;;
+              --filter "label=com.docker.compose.service=${1:?which container}" | sed -n 1p)" ;;
     down)   ct_down "$@" ;;
     *)      awk 'NR > 1 && !/^#/ {exit} NR > 2 {sub(/^# ?/, ""); print}' "$CT_DIR/containers.sh"; [ "$cmd" = help ] ;;
   esac
