@@ -130,7 +130,7 @@ def _start_containers() -> tuple[str, str]:
     # host, even when this host carries the /.dockerenv marker of a container.
     if os.environ.get("DOCKER_HOST", "unix://").startswith("unix://"):
         os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
-    from testcontainers.postgres import PostgresContainer
+    from testcontainers.community.postgres import PostgresContainer
 
     kafka = _start_kafka(_images()["kafka"])
     postgres = PostgresContainer(_images()["postgres"], username="danbao", password="danbao", dbname="danbao",

@@ -299,7 +299,15 @@ ct_test() {
   # The host may carry Docker's /.dockerenv marker; the engine is local, so use its mapped ports.
   export TESTCONTAINERS_CONNECTION_MODE="${TESTCONTAINERS_CONNECTION_MODE:-docker_host}"
   unset KAFKA_BOOTSTRAP_SERVERS DATABASE_URL
-  cd "$ROOT"; "$PY" -m pytest "$@"
+  local rc=0
+  (cd "$ROOT" && "$PY" -m pytest "$@") || rc=$?
+  # The session removes its containers; after a crash, remove what it left of these images.
+  local image ids
+  for image in "$KAFKA_IMAGE" "$POSTGRES_IMAGE"; do
+    ids=$(ct_engine ps -aq --filter "label=org.testcontainers.lang=python" --filter "ancestor=$image")
+    [ -z "$ids" ] || { log "removing containers a test session left: $(echo $ids)"; ct_engine rm -f $ids >/dev/null; }
+  done
+  return $rc
 }
 
 containers_main() {
