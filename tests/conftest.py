@@ -99,6 +99,8 @@ def _start_kafka(image: str):
         KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1", KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
         KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1", KAFKA_AUTO_CREATE_TOPICS_ENABLE="false",
         KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0", KAFKA_NUM_PARTITIONS="4",
+        # As the local broker (deploy/kafka/server.properties.in): fewer internal partitions to create.
+        KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS="10", KAFKA_TRANSACTION_STATE_LOG_NUM_PARTITIONS="4",
         KAFKA_HEAP_OPTS="-Xms256m -Xmx512m")
     kafka.start()
     _containers.append(kafka)
