@@ -12,7 +12,6 @@ from typing import Any, Awaitable, Callable
 import asyncpg
 import structlog
 import uvicorn
-import uvloop
 from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter
 
@@ -105,7 +104,6 @@ async def run(spec: ServiceSpec) -> None:
 
 def main(spec: ServiceSpec) -> None:
     try:
-        # uvloop: the event loop in C (docs/performance.md has what it saves per saga).
-        uvloop.run(run(spec))
+        asyncio.run(run(spec))
     except settings_mod.SettingsError as exc:
         raise SystemExit(f"danbao-{spec.name}: {exc}") from None

@@ -110,7 +110,7 @@ def build(settings: EngineSettings) -> faust.App:
         consumer_group_instance_id=settings.instance_id,
         producer_acks=-1,
         # Fewer, fuller produce requests: each costs a syscall-heavy round trip to the broker.
-        producer_linger=0.01,
+        producer_linger=0.005,
         processing_guarantee="at_least_once",  # + event_id dedupe, see README.md
         web_enabled=True,
         web_host=settings.web_host,
@@ -396,9 +396,6 @@ def main() -> None:
     log.info("starting", kafka=settings.kafka_bootstrap_servers, app_id=settings.app_id,
              partitions=settings.partitions, web_port=settings.web_port)
 
-    import uvloop
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # as the services (docs/performance.md)
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(_ensure_topics(settings))
