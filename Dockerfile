@@ -7,7 +7,7 @@
 #                     (by argument, also pass -e DANBAO_SERVICE=credit or -e PORT=8003 so that the
 #                      image's HEALTHCHECK probes the right port; docker-compose.yml sets its own)
 #
-# Settings come from the environment exactly as outside Docker (CONTRACT.md §1, §7;
+# Settings come from the environment exactly as outside Docker (docs/contract.md §1, §7;
 # shared/settings.py): KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, the four *_URL (a service listens
 # on the port of its own URL), DANBAO_CLOCK, DANBAO_API_TOKEN, DANBAO_JWT_SECRET. There are no
 # secrets in the image: the services refuse to start without DANBAO_API_TOKEN and DANBAO_JWT_SECRET.

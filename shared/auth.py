@@ -1,4 +1,4 @@
-"""Access control (CONTRACT.md §7): the operator token, or a per-user HS256 JWT (`sub`, `exp`)."""
+"""Access control (docs/contract.md §7): the operator token, or a per-user HS256 JWT (`sub`, `exp`)."""
 from __future__ import annotations
 
 import hmac

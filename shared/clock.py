@@ -1,6 +1,6 @@
-"""The platform's clock. Nothing reads the wall clock directly (DESIGN.md, Time).
+"""The platform's clock. Nothing reads the wall clock directly (docs/design.md, Time).
 
-`SystemClock` is the real time. `ControllableClock` is CONTRACT.md §6's test clock: real time
+`SystemClock` is the real time. `ControllableClock` is docs/contract.md §6's test clock: real time
 plus one offset shared by every service. The offset lives in Postgres (schema `danbao_clock`) so
 that moving the clock at one service moves it for all; each service caches it and refreshes it
 every half second, and timer loops pick up whatever fell due at their next tick.

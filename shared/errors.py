@@ -1,4 +1,4 @@
-"""The one error shape of the HTTP API: a 4xx with {"error": {"code", "message"}} (CONTRACT.md §6)."""
+"""The one error shape of the HTTP API: a 4xx with {"error": {"code", "message"}} (docs/contract.md §6)."""
 from __future__ import annotations
 
 

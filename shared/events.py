@@ -1,6 +1,6 @@
 """The event envelope and every event model: the single source of truth for what crosses Kafka.
 
-Public events follow CONTRACT.md §2–4 letter by letter. Models are strict: unknown fields,
+Public events follow docs/contract.md §2–4 letter by letter. Models are strict: unknown fields,
 wrong types (a float or a bool where fen are expected), missing fields and out-of-range values
 are rejected. `python -m shared.events` writes them as JSON Schema files under docs/schemas/.
 """

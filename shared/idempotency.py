@@ -1,4 +1,4 @@
-"""Idempotency keys for HTTP writes (CONTRACT.md §6, Stripe's model): the same key with the same
+"""Idempotency keys for HTTP writes (docs/contract.md §6, Stripe's model): the same key with the same
 body returns the first result again; the same key with another body is 409 IDEMPOTENCY_CONFLICT.
 The key is claimed in the transaction of the write itself, so a concurrent repeat waits for the
 first to commit and then gets its result; a write that fails unexpectedly claims nothing."""

@@ -1,4 +1,4 @@
-"""Money is integer fen; rates are Decimal. One round_half_up per computed item (CONTRACT.md)."""
+"""Money is integer fen; rates are Decimal. One round_half_up per computed item (docs/contract.md)."""
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal

@@ -1,4 +1,4 @@
-"""Settings from the environment (CONTRACT.md §1 and §5). Nothing secret has a default."""
+"""Settings from the environment (docs/contract.md §1 and §5). Nothing secret has a default."""
 from __future__ import annotations
 
 import os
@@ -52,7 +52,7 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
     api_token = os.environ.get("DANBAO_API_TOKEN", "")
     jwt_secret = os.environ.get("DANBAO_JWT_SECRET", "")
     if require_secrets and (not api_token or not jwt_secret):
-        # CONTRACT.md §7: refuse to start without both; `./danbao up` generates them locally.
+        # docs/contract.md §7: refuse to start without both; `./danbao up` generates them locally.
         raise SettingsError("DANBAO_API_TOKEN and DANBAO_JWT_SECRET must be set")
     urls = {name: env(f"{name.upper()}_URL", url).rstrip("/") for name, url in DEFAULT_URLS.items()}
     database_url = env(f"{service.upper()}_DATABASE_URL", env("DATABASE_URL", "postgresql://danbao@127.0.0.1:5432/danbao"))

@@ -1,4 +1,4 @@
-"""Kafka topic names. The first three are public (CONTRACT.md §2); the rest are internal."""
+"""Kafka topic names. The first three are public (docs/contract.md §2); the rest are internal."""
 ORDERS = "orders.events"
 PAYMENTS = "payments.events"
 ORDERS_DLQ = "orders.events.dlq"

@@ -1,4 +1,4 @@
-"""Billing HTTP API: Huabei statements and converting a statement to installments (CONTRACT.md §6),
+"""Billing HTTP API: Huabei statements and converting a statement to installments (docs/contract.md §6),
 plus a statement's detail (its items and charged overdue days; not part of the contract).
 
 A statement is the sum of the items its cycle carries: the cycle's own purchases (less refunds and
@@ -164,7 +164,7 @@ async def convert(user_id: str, statement_id: str, body: Conversion, request: Re
                   caller: Principal = Depends(principal)):
     """Convert an issued statement, before the end of its due day, into 3, 6, 9 or 12 installments
     of its outstanding principal: period 1 due on the statement's own due day, period k k-1 months
-    later; the fee per CONTRACT.md §5."""
+    later; the fee per docs/contract.md §5."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
     try:

@@ -1,6 +1,6 @@
 """Billing rules, pure: no I/O and no clock reads. Every function takes the dates and moments
 it needs; moments are timezone-aware datetimes (any zone), business dates are `date`s in the
-business time zone (CONTRACT.md §5).
+business time zone (docs/contract.md §5).
 
 What lives here:
 - cycles and statements: which cycle (period) a purchase belongs to, when a period's statement
@@ -38,7 +38,7 @@ _MAX_DAY = 28
 # ---------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class BillingRules:
-    """CONTRACT.md §5 defaults; each is a setting (see from_env)."""
+    """docs/contract.md §5 defaults; each is a setting (see from_env)."""
     business_tz: ZoneInfo = ZoneInfo("Asia/Shanghai")
     statement_day: int = 1   # a cycle's statement is issued at 00:00 of this day of the next month
     due_day: int = 10        # ... and due by the end (24:00) of this day of that same month
@@ -487,7 +487,7 @@ class StatementStatus(str, Enum):
 
 def statement_status(issued: bool, due_on: date, now: datetime, outstanding: int, converted: bool,
                      rules: BillingRules) -> StatementStatus:
-    """The `status` of a statement (CONTRACT.md §6). `outstanding`: everything still owed on the
+    """The `status` of a statement (docs/contract.md §6). `outstanding`: everything still owed on the
     statement itself (principal, fee, penalty). A converted statement stays "installment" -- its
     periods carry their own due dates and overdue state."""
     if not issued:

@@ -41,7 +41,7 @@ Semantics chosen where the contract leaves room
   whenever days_overdue (domain.days_overdue of the oldest overdue item, counting the running day)
   grows -- at most once per day; AccountSettled when nothing is overdue any more (after a repayment,
   or a refund that clears it).
-- Penalties (CONTRACT.md §5): each ended overdue day, round_half_up(0.05 % x the item's unpaid
+- Penalties (docs/contract.md §5): each ended overdue day, round_half_up(0.05 % x the item's unpaid
   principal at the end of that day), booked fees_receivable:<user> -> revenue:penalty.
 
 Ledger (billing's schema): `fees_receivable:<user>` (fees and penalties owed by the user,

@@ -1,4 +1,4 @@
-"""Credit HTTP API: Huabei activation and accounts (CONTRACT.md §6), and the service's copy of
+"""Credit HTTP API: Huabei activation and accounts (docs/contract.md §6), and the service's copy of
 a user's profile."""
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def limit_for_score(score: int) -> int:
 
 # ---------------------------------------------------------------- eligibility
 def eligibility_failure(profile: Profile, today: date, *, id_number_taken: bool, phone_taken: bool) -> str | None:
-    """The first eligibility rule (CONTRACT.md §5) the user fails, as a message naming it, or None."""
+    """The first eligibility rule (docs/contract.md §5) the user fails, as a message naming it, or None."""
     if profile.birth_date is None or age_on(profile.birth_date, today) < 18:
         return "age: must be at least 18 on the activation date"
     if not profile.real_name_verified:

@@ -1,4 +1,4 @@
-"""Escrow HTTP API (CONTRACT.md §6)."""
+"""Escrow HTTP API (docs/contract.md §6)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request

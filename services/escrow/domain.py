@@ -43,7 +43,7 @@ FEE_SETTINGS = {"balance": "MERCHANT_FEE_BALANCE_PCT", "bank_card": "MERCHANT_FE
 
 @dataclass(frozen=True)
 class FeeRates:
-    """Merchant fee on release by funding source (CONTRACT.md §5), as fractions (0.006 = 0.60 %)."""
+    """Merchant fee on release by funding source (docs/contract.md §5), as fractions (0.006 = 0.60 %)."""
     balance: Decimal = percent("0.60")
     bank_card: Decimal = percent("0.60")
     huabei: Decimal = percent("0.80")

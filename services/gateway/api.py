@@ -1,4 +1,4 @@
-"""Gateway HTTP API (CONTRACT.md §6)."""
+"""Gateway HTTP API (docs/contract.md §6)."""
 from __future__ import annotations
 
 import asyncio

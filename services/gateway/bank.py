@@ -5,7 +5,7 @@ A card payment is two-phase, like the ledger: `authorize` reserves the amount on
 `capture` takes it (once escrow holds the order), `void` drops an authorization the saga no
 longer wants (nothing was taken, so nothing needs refunding), `refund` gives captured money back.
 
-`SimulatedBank` stands in for the real channel (CONTRACT.md §5 test card tokens): `tok_decline`
+`SimulatedBank` stands in for the real channel (docs/contract.md §5 test card tokens): `tok_decline`
 is declined, `tok_timeout` never answers, every other `tok_…` approves. Its answers depend only
 on the token, so it is idempotent and restart-safe by construction. A real adapter implements
 the same interface over the network, with its own timeouts.

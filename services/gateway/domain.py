@@ -37,7 +37,7 @@ class SagaState(str, Enum):
 
 @dataclass(frozen=True)
 class Rules:
-    """CONTRACT.md §5 defaults; each is a setting."""
+    """docs/contract.md §5 defaults; each is a setting."""
     withdrawal_fee_rate: Decimal = percent("0.1")
     withdrawal_free_quota: int = 2_000_000
     withdrawal_min_fee: int = 10

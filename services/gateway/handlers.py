@@ -174,7 +174,7 @@ async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, dat
         await order_placed(ctx, conn, env, data)
         return
     if isinstance(data, RefundRequested) and not await store.first_refund_request(conn, data.order_id, data.refund_id):
-        # CONTRACT.md §3: the same refund_id twice has effect once (and one outcome).
+        # docs/contract.md §3: the same refund_id twice has effect once (and one outcome).
         await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "duplicate")
         return
     payment = await store.lock_payment(conn, data.order_id)
@@ -208,7 +208,7 @@ async def _forward(ctx: Context, conn: asyncpg.Connection, event_type: str, data
 async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, order: OrderPlaced) -> None:
     now = ctx.clock.now()
     if not await store.insert_payment(conn, env.event_id, order, f"pay_{order.order_id}", now):
-        # CONTRACT.md §3: the same order_id from a different event is refused and changes nothing.
+        # docs/contract.md §3: the same order_id from a different event is refused and changes nothing.
         await _publish(ctx, conn, PaymentFailed(order_id=order.order_id, reason_code="DUPLICATE_ORDER",
                                                 message=f"order {order.order_id} was already placed by another event"),
                        order_id=order.order_id, cause=env.event_id)

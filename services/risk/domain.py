@@ -1,6 +1,6 @@
 """The risk rules and the window state they read: pure functions and dataclasses, no I/O.
 
-The rules (CONTRACT.md §5; every threshold is a setting, see `RiskSettings`):
+The rules (docs/contract.md §5; every threshold is a setting, see `RiskSettings`):
 
 | rule                     | fires when                                                               | outcome |
 |--------------------------|--------------------------------------------------------------------------|---------|

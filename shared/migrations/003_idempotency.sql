@@ -1,4 +1,4 @@
--- Idempotency keys of HTTP writes (CONTRACT.md §6): the first result is stored and served again.
+-- Idempotency keys of HTTP writes (docs/contract.md §6): the first result is stored and served again.
 CREATE TABLE idempotency_keys (
     scope         text        NOT NULL,
     key           text        NOT NULL,

@@ -1,5 +1,5 @@
 """Billing rules against independent, straightforward reference calculations (hypothesis), plus
-worked examples from CONTRACT.md §5.
+worked examples from docs/contract.md §5.
 
 The references deliberately avoid the code under test: money rounding uses exact fractions and
 integer arithmetic instead of Decimal.quantize, Asia/Shanghai is a fixed UTC+8 offset (it has had

@@ -121,7 +121,7 @@ def test_every_setting_is_set(services, name):
     db = urlparse(interpolate(env["DATABASE_URL"], {"POSTGRES_PASSWORD": "s3cret"}))
     assert (db.scheme, db.username, db.password, db.hostname, db.port, db.path) == (
         "postgresql", "danbao", "s3cret", "postgres", 5432, "/danbao")
-    # The secrets have no default: compose must refuse to start without them (CONTRACT.md §7).
+    # The secrets have no default: compose must refuse to start without them (docs/contract.md §7).
     for secret in ("DANBAO_API_TOKEN", "DANBAO_JWT_SECRET"):
         with pytest.raises(KeyError):
             interpolate(env[secret])

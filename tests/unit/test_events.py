@@ -1,4 +1,4 @@
-"""The contract's event models: strict, letter by letter (CONTRACT.md §2–4)."""
+"""The contract's event models: strict, letter by letter (docs/contract.md §2–4)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The risk rules (CONTRACT.md §5) as pure functions: concrete values and the boundaries."""
+"""The risk rules (docs/contract.md §5) as pure functions: concrete values and the boundaries."""
 from __future__ import annotations
 
 import itertools

@@ -22,7 +22,7 @@ CREATE TABLE escrows (
     created_at          timestamptz NOT NULL,
     updated_at          timestamptz NOT NULL,
     CHECK (refunded_from_hold + released_gross <= amount),
-    -- The sum rule (CONTRACT.md §3), enforced by the database too.
+    -- The sum rule (docs/contract.md §3), enforced by the database too.
     CHECK (refunded_from_hold + clawed_back + pending_clawbacks <= amount),
     CHECK (fee_amount + net_amount = released_gross)
 );

@@ -1,6 +1,6 @@
 -- The payment saga lives on the payment row: saga_state is where the orchestration stands,
 -- next_action_at when the saga worker looks at it again (retry or deadline), deadline_at when
--- the current step gives up. status is the public view (CONTRACT.md §6).
+-- the current step gives up. status is the public view (docs/contract.md §6).
 ALTER TABLE payments
     ADD COLUMN payment_id        text,
     ADD COLUMN saga_state        text        NOT NULL DEFAULT 'NEW',
