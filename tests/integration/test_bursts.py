@@ -10,8 +10,9 @@ import signal
 from collections import Counter
 
 import httpx
+import pytest
 
-from tests.integration.conftest import ServiceProcess, envelope, new_id
+from tests.integration.conftest import ServiceProcess, envelope, eventually, new_id
 
 
 def _set_path_counts(metrics_text: str) -> dict[tuple[str, str], float]:
@@ -101,7 +102,9 @@ async def test_a_burst_of_mixed_orders_gets_the_one_by_one_outcomes(shop, servic
         assert gained > 0, f"{service} applied no {event_type} as a set"
 
 
-async def test_two_gateways_and_two_escrows_share_a_burst_without_doubles(shop, services, service_env):
+@pytest.fixture(scope="module")
+async def second_instances(services, service_env):
+    """A second gateway and a second escrow (their own HTTP ports), in the same consumer groups."""
     extra = {
         "gateway": ServiceProcess("gateway", {**service_env, "GATEWAY_URL": "http://127.0.0.1:8011"}),
         "escrow": ServiceProcess("escrow", {**service_env, "ESCROW_URL": "http://127.0.0.1:8012"}),
@@ -112,20 +115,57 @@ async def test_two_gateways_and_two_escrows_share_a_burst_without_doubles(shop, 
     try:
         await asyncio.gather(*(p.wait_healthy(60) for p in extra.values()))
         await asyncio.sleep(3)  # the consumer groups rebalance onto both instances
-        buyers, seller, orders = await _burst(shop, buyers=20, per_buyer=10, amount=100)
-        for order_id in orders:
-            await shop.events(order_id, 1, settle=0, timeout=90)
-        await asyncio.sleep(2)
-        assert all([e["type"] for e in shop.outcomes.by_order[o]] == ["PaymentSucceeded"] for o in orders)
-        for b in buyers:
-            assert await shop.wallet(b) == 0
-        assert await shop.wallet(seller) == 0  # held, not released
-        # Both gateways did part of the work.
-        worked = [(await _metrics(url)).get(("OrderPlaced", "set"), 0) + (await _metrics(url)).get(
-            ("OrderPlaced", "one_by_one"), 0) for url in (services["gateway"].url, extra["gateway"].url)]
-        assert worked[1] > 0, worked
-        await shop.audit()
+        yield extra
     finally:
         for p in extra.values():
             if p.proc and p.proc.poll() is None:
                 p.kill(signal.SIGTERM)
+
+
+async def test_two_gateways_and_two_escrows_share_a_burst_without_doubles(shop, services, second_instances):
+    buyers, seller, orders = await _burst(shop, buyers=20, per_buyer=10, amount=100)
+    for order_id in orders:
+        await shop.events(order_id, 1, settle=0, timeout=90)
+    await asyncio.sleep(2)
+    assert all([e["type"] for e in shop.outcomes.by_order[o]] == ["PaymentSucceeded"] for o in orders)
+    for b in buyers:
+        assert await shop.wallet(b) == 0
+    assert await shop.wallet(seller) == 0  # held, not released
+    # Both gateways did part of the work.
+    work = []
+    for url in (services["gateway"].url, second_instances["gateway"].url):
+        counts = await _metrics(url)
+        work.append(counts.get(("OrderPlaced", "set"), 0) + counts.get(("OrderPlaced", "one_by_one"), 0))
+    assert work[1] > 0, work
+    await shop.audit()
+
+
+async def test_timers_fire_once_with_two_instances(shop, second_instances):
+    """Saga deadlines (two gateways) and auto-confirm (two escrows) each fire exactly once."""
+    buyer, seller = await shop.user(balance=3_000), await shop.user()
+    silent = [await shop.place(buyer, seller, 100, method="bank_card", card_token="tok_timeout") for _ in range(3)]
+    shipped = [await shop.place(buyer, seller, 1_000, auto_confirm_days=1) for _ in range(3)]
+    for order in shipped:
+        await shop.events(order, 1, settle=0)
+        await shop.send("OrderShipped", {"order_id": order})
+    for order in shipped:
+        await eventually(lambda: _auto_confirm_set(shop, order))
+    await shop.advance_clock(86_400 + 31)  # past every auto-confirm and every channel deadline
+    for order in silent:
+        events = await shop.events(order, 1, settle=0)
+        assert [(e["type"], e["data"]["reason_code"]) for e in events] == [("PaymentFailed", "CHANNEL_TIMEOUT")]
+    for order in shipped:
+        await shop.events(order, 2, settle=0)
+    await asyncio.sleep(3)  # a second firing would show up now
+    for order in silent:
+        assert len(shop.outcomes.by_order[order]) == 1, shop.outcomes.by_order[order]
+    for order in shipped:
+        assert [(e["type"], e["data"].get("trigger")) for e in shop.outcomes.by_order[order]] == [
+            ("PaymentSucceeded", None), ("FundsReleased", "auto_confirm")]
+    assert await shop.wallet(seller) == 3 * 994
+    assert await shop.wallet(buyer) == 0
+    await shop.audit()
+
+
+async def _auto_confirm_set(shop, order):
+    return (await shop.escrow(order)).get("auto_confirm_at")
