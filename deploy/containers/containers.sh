@@ -57,7 +57,10 @@ ct_install() {
     return 0
   fi
   local missing=()
-  command -v podman >/dev/null || missing+=(podman netavark aardvark-dns slirp4netns fuse-overlayfs uidmap)
+  # Podman with its network stack (netavark needs iptables for published ports), without the
+  # rest of its recommendations.
+  command -v podman >/dev/null || missing+=(podman netavark aardvark-dns iptables slirp4netns fuse-overlayfs uidmap)
+  command -v iptables >/dev/null || missing+=(iptables)
   command -v runc >/dev/null || missing+=(runc)
   # docker-compose (1.29, Debian's) over Podman's Docker API: unlike podman-compose it waits for
   # `depends_on: condition: service_healthy` with the Podman of Debian bookworm (4.3).
