@@ -10,3 +10,5 @@ HTTP_REQUESTS = Counter("danbao_http_requests_total", "HTTP requests", ["method"
 SET_PATH = Counter("danbao_set_path_records_total",
                    "Records of the hot event types, by how they were applied: as a set, or one by one",
                    ["topic", "type", "path"])  # path: set | one_by_one
+PARKED_EXPIRED = Counter("danbao_parked_events_expired_total",
+                         "Upstream order events whose order never arrived within PARKED_EVENT_TTL_SECONDS", ["type"])

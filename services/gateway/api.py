@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import date
+from datetime import date, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -245,3 +245,14 @@ async def review_payment(order_id: str, body: ReviewDecision, request: Request):
                 raise ApiError(404, "PAYMENT_NOT_FOUND", f"no payment for order {order_id}")
             raise ApiError(409, "NOT_IN_REVIEW", f"the payment for order {order_id} is not waiting for a review")
     return await get_payment(order_id, request, Principal(operator=True))
+
+
+@admin.get("/parked-events", tags=["operations"])
+async def list_parked_events(request: Request):
+    """Upstream events waiting for an order the platform has not seen yet (a shipment or a
+    confirmation published before its OrderPlaced), oldest first, with when each expires."""
+    ctx = ctx_of(request)
+    ttl = timedelta(seconds=ctx.deps.rules.parked_event_ttl_seconds)
+    return [{"event_id": e["event_id"], "order_id": e["order_id"], "type": e["type"],
+             "received_at": rfc3339(e["received_at"]), "expires_at": rfc3339(e["received_at"] + ttl)}
+            for e in await store.parked_events(ctx.pool)]

@@ -50,4 +50,4 @@ def subscriptions(ctx: Context) -> list[Subscription]:
 
 
 SPEC = ServiceSpec(name="gateway", migrations=Path(__file__).parent / "migrations", routers=[api.router, api.admin],
-                   subscriptions=subscriptions, loops=[handlers.saga_worker], deps=deps)
+                   subscriptions=subscriptions, loops=[handlers.saga_worker, handlers.parked_expiry_loop], deps=deps)

@@ -47,6 +47,7 @@ class Rules:
     risk_timeout_seconds: int = 5         # no decision by then: the fallback decides
     risk_fallback_approve_max: int = 100_000  # fallback approves up to 1 000 yuan, rejects above
     review_timeout_seconds: int = 1800    # a review nobody decides is rejected after 30 minutes
+    parked_event_ttl_seconds: int = 7 * 86_400  # a shipment/confirmation waits this long for its order
 
     @classmethod
     def from_env(cls) -> "Rules":
@@ -61,6 +62,7 @@ class Rules:
             risk_timeout_seconds=int(env("RISK_DECISION_TIMEOUT_SECONDS", "5")),
             risk_fallback_approve_max=int(env("RISK_FALLBACK_APPROVE_MAX_FEN", "100000")),
             review_timeout_seconds=int(env("RISK_REVIEW_TIMEOUT_SECONDS", "1800")),
+            parked_event_ttl_seconds=int(env("PARKED_EVENT_TTL_SECONDS", str(7 * 86_400))),
         )
 
 
@@ -122,16 +124,22 @@ class Route(str, Enum):
     FORWARD = "forward"                  # to escrow now
     KEEP = "keep"                        # until the payment completes
     CANCEL_IN_FLIGHT = "cancel_in_flight"  # forward now and stop the saga where it can be stopped
+    PARK = "park"                        # no such order yet: wait for its OrderPlaced (or expire)
     REJECT_UNKNOWN_ORDER = "reject_unknown_order"
     REJECT_NOT_PAID = "reject_not_paid"
     IGNORE = "ignore"
 
 
 def route_order_event(event_type: str, saga: SagaState | None) -> Route:
-    """Where an upstream event goes, given the saga of its order (None: no such order)."""
+    """Where an upstream event goes, given the saga of its order (None: no such order).
+
+    Before its OrderPlaced, a shipment or confirmation waits for the order (another upstream
+    system may publish them). A cancel or refund of an unknown order is answered at once with
+    UNKNOWN_ORDER, its one documented outcome: the shop learns now, not days later, that the
+    platform holds nothing for that order, and sends it again once the order is placed."""
     money_event = event_type in ("OrderCancelled", "RefundRequested")
     if saga is None:
-        return Route.REJECT_UNKNOWN_ORDER if money_event else Route.IGNORE
+        return Route.REJECT_UNKNOWN_ORDER if money_event else Route.PARK
     if saga is SagaState.FAILED:
         return Route.REJECT_NOT_PAID if money_event else Route.IGNORE
     if saga is SagaState.COMPLETED:

@@ -18,7 +18,7 @@ import structlog
 from services.gateway import domain, store
 from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
 from services.gateway.bank import ChargeResult
-from shared import events, ledger, outbox, timers, topics
+from shared import events, ledger, metrics, outbox, timers, topics
 from shared.events import (ApplyRepayment, CardDeclined, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
                            CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
                            EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
@@ -178,18 +178,62 @@ async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, dat
         await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "duplicate")
         return
     payment = await store.lock_payment(conn, data.order_id)
-    route = domain.route_order_event(env.type, SagaState(payment["saga_state"]) if payment else None)
-    state = {Route.FORWARD: "forwarded", Route.KEEP: "pending", Route.CANCEL_IN_FLIGHT: "cancel_in_flight",
-             Route.REJECT_UNKNOWN_ORDER: "rejected", Route.REJECT_NOT_PAID: "rejected", Route.IGNORE: "ignored"}[route]
+    state = await _route(ctx, conn, env.type, payload, payment, cause=env.event_id)
     await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, state)
+    if state == "parked":
+        log.info("order event parked until its order arrives", order_id=data.order_id, event_type=env.type)
+
+
+ROUTE_STATES = {Route.FORWARD: "forwarded", Route.KEEP: "pending", Route.CANCEL_IN_FLIGHT: "cancel_in_flight",
+                Route.PARK: "parked", Route.REJECT_UNKNOWN_ORDER: "rejected", Route.REJECT_NOT_PAID: "rejected",
+                Route.IGNORE: "ignored"}
+
+
+async def _route(ctx: Context, conn: asyncpg.Connection, event_type: str, payload: dict, payment: dict | None, *,
+                 cause: str) -> str:
+    """Send an upstream event where its order's saga says (domain.route_order_event); returns the
+    event's new state."""
+    order_id = payload["order_id"]
+    route = domain.route_order_event(event_type, SagaState(payment["saga_state"]) if payment else None)
     if route in (Route.FORWARD, Route.CANCEL_IN_FLIGHT):
-        await _forward(ctx, conn, env.type, payload, cause=env.event_id)
+        await _forward(ctx, conn, event_type, payload, cause=cause)
     if route is Route.CANCEL_IN_FLIGHT:
-        await store.update_payment(conn, data.order_id, now, cancel_requested=True)
+        await store.update_payment(conn, order_id, ctx.clock.now(), cancel_requested=True)
     if route in (Route.REJECT_UNKNOWN_ORDER, Route.REJECT_NOT_PAID):
         code = "UNKNOWN_ORDER" if route is Route.REJECT_UNKNOWN_ORDER else "NOT_PAID"
-        await _publish(ctx, conn, RefundRejected(order_id=data.order_id, refund_id=payload.get("refund_id"),
-                                                 reason_code=code), order_id=data.order_id, cause=env.event_id)
+        await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=payload.get("refund_id"),
+                                                 reason_code=code), order_id=order_id, cause=cause)
+    return ROUTE_STATES[route]
+
+
+async def release_parked(ctx: Context, conn: asyncpg.Connection, order_ids: list[str]) -> None:
+    """The order has arrived: its parked events go where its saga now says, oldest first."""
+    parked = await store.take_events_many(conn, order_ids, "parked", "released")
+    for order_id, kept in parked.items():
+        payment = await store.lock_payment(conn, order_id)
+        for event in kept:
+            state = await _route(ctx, conn, event["type"], event["data"], payment, cause=event["event_id"])
+            await store.set_event_state(conn, event["event_id"], state)
+            log.info("parked order event released", order_id=order_id, event_type=event["type"], state=state)
+
+
+async def expire_parked(ctx: Context, limit: int = 100) -> int:
+    """Parked events whose order has not come within PARKED_EVENT_TTL_SECONDS: logged, counted
+    and marked expired (they change nothing)."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        before = ctx.clock.now() - timedelta(seconds=ctx.deps.rules.parked_event_ttl_seconds)
+        expired = await store.expire_parked(conn, before, limit)
+    for event in expired:
+        metrics.PARKED_EXPIRED.labels(type=event["type"]).inc()
+        log.warning("parked order event expired: its order never arrived", order_id=event["order_id"],
+                    event_type=event["type"], event_id=event["event_id"], received_at=event["received_at"].isoformat())
+    return len(expired)
+
+
+async def parked_expiry_loop(ctx: Context) -> None:
+    async def scan() -> bool:
+        return await expire_parked(ctx) >= 100
+    await timers.run(ctx, scan, name="parked events", interval=5.0)
 
 
 async def _forward(ctx: Context, conn: asyncpg.Connection, event_type: str, data: dict, *, cause: str) -> None:
@@ -223,6 +267,7 @@ async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, or
         await _ask_risk(ctx, conn, payment, known[order.buyer_id], cause=env.event_id)
     else:
         await _fund(ctx, conn, payment, cause=env.event_id)
+    await release_parked(ctx, conn, [order.order_id])
 
 
 async def _ask_risk(ctx: Context, conn: asyncpg.Connection, payment: dict, buyer_registered_at: datetime, *,
@@ -571,6 +616,7 @@ async def orders_placed(ctx: Context, conn: asyncpg.Connection, items: Batch) ->
                                buyer_registered_at=known[o.buyer_id]),
             source=SOURCE, occurred_at=now, correlation_id=o.order_id, causation_id=env.event_id))
         for env, o in fast if o.order_id in inserted])
+    await release_parked(ctx, conn, sorted(inserted))
     return [(env, o) for env, o in items if o.order_id not in inserted]
 
 

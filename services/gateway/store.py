@@ -148,6 +148,27 @@ async def take_events(conn: asyncpg.Connection, order_id: str, state: str, new_s
     return sorted((dict(r) for r in rows), key=lambda r: r["seq"])
 
 
+async def set_event_state(conn: asyncpg.Connection, event_id: str, state: str) -> None:
+    await conn.execute("UPDATE order_events SET state = $2 WHERE event_id = $1", event_id, state)
+
+
+async def expire_parked(conn: asyncpg.Connection, received_before: datetime, limit: int) -> list[dict]:
+    """Parked events received before `received_before`, marked expired (oldest first)."""
+    rows = await conn.fetch(
+        """UPDATE order_events SET state = 'expired' WHERE event_id IN (
+               SELECT event_id FROM order_events WHERE state = 'parked' AND received_at < $1
+               ORDER BY received_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+           RETURNING event_id, order_id, type, received_at""", received_before, limit)
+    return sorted((dict(r) for r in rows), key=lambda r: r["received_at"])
+
+
+async def parked_events(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 1000) -> list[dict]:
+    rows = await conn.fetch(
+        """SELECT event_id, order_id, type, data, received_at FROM order_events WHERE state = 'parked'
+           ORDER BY received_at LIMIT $1""", limit)
+    return [dict(r) for r in rows]
+
+
 async def first_refund_request(conn: asyncpg.Connection, order_id: str, refund_id: str) -> bool:
     return bool(await conn.fetchval(
         "INSERT INTO refund_requests (order_id, refund_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",

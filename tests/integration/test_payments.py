@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 
+import httpx
 import pytest
 
 from tests.integration.conftest import envelope, eventually, new_id, types
@@ -221,9 +222,62 @@ async def test_refund_after_release_comes_from_the_sellers_wallet_or_is_rejected
 async def test_refunds_of_unknown_orders_are_rejected(shop):
     order = new_id("o")
     await shop.send("RefundRequested", {"order_id": order, "refund_id": "r-1", "amount": 1, "reason": "?"})
-    await shop.send("OrderConfirmed", {"order_id": order})  # ignored: nothing to confirm
+    await shop.send("OrderConfirmed", {"order_id": order})  # parked: it waits for its order
     (rejected,) = await shop.events(order, 1)
     assert (rejected["type"], rejected["data"]["reason_code"]) == ("RefundRejected", "UNKNOWN_ORDER")
+
+
+async def _parked(shop) -> dict[str, list[str]]:
+    response = await shop.api("gateway").get("/admin/parked-events")
+    assert response.status_code == 200, response.text
+    parked: dict[str, list[str]] = {}
+    for e in response.json():
+        parked.setdefault(e["order_id"], []).append(e["type"])
+    return parked
+
+
+async def test_shipment_and_confirmation_before_the_order_wait_for_it(shop):
+    buyer, seller = await shop.user(balance=2_000), await shop.user()
+    confirmed, shipped = new_id("o"), new_id("o")
+    await shop.send("OrderConfirmed", {"order_id": confirmed})
+    await shop.send("OrderShipped", {"order_id": shipped})
+    await eventually(lambda: _has_parked(shop, {confirmed: ["OrderConfirmed"], shipped: ["OrderShipped"]}))
+    for order in (confirmed, shipped):
+        await shop.send("OrderPlaced", {"order_id": order, "buyer_id": buyer, "seller_id": seller, "amount": 1_000,
+                                        "currency": "CNY", "payment_method": "balance", "auto_confirm_days": 2})
+    events = await shop.events(confirmed, 2)
+    assert [(e["type"], e["data"].get("trigger")) for e in events] == [("PaymentSucceeded", None),
+                                                                        ("FundsReleased", "confirmed")]
+    assert types(await shop.events(shipped, 1)) == ["PaymentSucceeded"]
+    await eventually(lambda: _auto_confirm_set(shop, shipped))  # the early shipment started the timer
+    parked = await _parked(shop)
+    assert confirmed not in parked and shipped not in parked
+    await shop.advance_clock(2 * 86_400 + 1)
+    events = await shop.events(shipped, 2)
+    assert events[1]["type"] == "FundsReleased" and events[1]["data"]["trigger"] == "auto_confirm"
+    assert await shop.wallet(seller) == 2 * 994
+    await shop.audit()
+
+
+async def _has_parked(shop, expected: dict[str, list[str]]) -> bool:
+    parked = await _parked(shop)
+    return all(parked.get(order) == types_ for order, types_ in expected.items())
+
+
+async def test_parked_events_of_an_order_that_never_comes_expire(shop, services):
+    order = new_id("o")
+    await shop.send("OrderShipped", {"order_id": order})
+    await eventually(lambda: _has_parked(shop, {order: ["OrderShipped"]}))
+    await shop.advance_clock(7 * 86_400 + 10)
+    await eventually(lambda: _not_parked(shop, order))
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"{services['gateway'].url}/metrics")).text
+    assert 'danbao_parked_events_expired_total{type="OrderShipped"}' in metrics
+    assert order not in shop.outcomes.by_order  # nothing was published for it
+
+
+async def _not_parked(shop, order) -> bool:
+    return order not in await _parked(shop)
 
 
 # ---------------------------------------------------------------- out of order, timers, faults

@@ -54,7 +54,8 @@ def test_payment_status(kwargs, status):
 def test_routing_of_upstream_events():
     assert route_order_event("RefundRequested", None) is Route.REJECT_UNKNOWN_ORDER
     assert route_order_event("OrderCancelled", None) is Route.REJECT_UNKNOWN_ORDER
-    assert route_order_event("OrderConfirmed", None) is Route.IGNORE
+    assert route_order_event("OrderConfirmed", None) is Route.PARK  # waits for its OrderPlaced
+    assert route_order_event("OrderShipped", None) is Route.PARK
     assert route_order_event("RefundRequested", SagaState.FAILED) is Route.REJECT_NOT_PAID
     assert route_order_event("OrderShipped", SagaState.FAILED) is Route.IGNORE
     for event in ("OrderShipped", "OrderConfirmed", "OrderCancelled", "RefundRequested"):
