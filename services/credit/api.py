@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from services.credit import domain, store
 from shared.auth import Principal, principal
+from shared import projection
 from shared.errors import ApiError
 from shared.events import rfc3339
 from shared.http import ERRORS, ctx_of
@@ -40,6 +41,8 @@ async def activate(user_id: str, request: Request, caller: Principal = Depends(p
     caller.require_user(user_id)
     ctx = ctx_of(request)
     tz = ZoneInfo(ctx.settings.business_tz)
+    # A user registered at the gateway a moment ago may not have reached us yet: wait for it.
+    await projection.wait_for(lambda: store.get_profile(ctx.pool, user_id))
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         existing = await store.get_account(conn, user_id)
@@ -92,7 +95,8 @@ class Profile(BaseModel):
             summary="The credit service's copy of a user's profile and behaviour (for operators and the user)")
 async def get_profile(user_id: str, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    row = await store.get_profile(ctx_of(request).pool, user_id)
+    pool = ctx_of(request).pool
+    row = await projection.wait_for(lambda: store.get_profile(pool, user_id))
     if row is None:
         raise ApiError(404, "PROFILE_NOT_FOUND", f"no credit profile for {user_id}")
     return {**{k: row[k] for k in Profile.model_fields if k != "registered_at"},

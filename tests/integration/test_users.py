@@ -122,3 +122,16 @@ async def test_consumer_killed_with_sigkill_loses_nothing(services, api, db):
     async def all_there():
         return await db.fetchval("SELECT count(*) FROM credit.profiles WHERE user_id = ANY($1)", user_ids) == 5
     await eventually(all_there, timeout=60)
+
+
+async def test_a_fresh_user_is_known_everywhere_at_once(shop):
+    """Read-your-writes: no pause between registering at the gateway and using the account at the
+    credit service (which learns of users from users.events a moment later)."""
+    for _ in range(3):
+        user = await shop.user()
+        response = await shop.api("credit").post(f"/v1/huabei/{user}/activation")
+        assert response.status_code == 201, response.text
+        user = await shop.user()
+        response = await shop.api("credit").get(f"/v1/credit-profiles/{user}")
+        assert response.status_code == 200, response.text
+        assert response.json()["user_id"] == user
