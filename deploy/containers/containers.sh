@@ -46,8 +46,8 @@ ct_apt() {  # packages...: Debian packages, without their recommendations
   [ "$(id -u)" = 0 ] || die "installing $* needs root (apt-get)"
   log "installing $* from Debian's packages"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
-    || die "apt-get install $* failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >"$LOGS/apt.log" 2>&1 \
+    || { tail -20 "$LOGS/apt.log" >&2; die "apt-get install $* failed"; }
 }
 
 ct_install() {
