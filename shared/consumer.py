@@ -38,7 +38,11 @@ TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.Post
 
 
 def dead_letter_headers(record: Any, code: str, message: str) -> list[tuple[str, bytes]]:
-    return [
+    """The record's own headers, then the error headers (docs/contract.md §2)."""
+    headers = getattr(record, "headers", None) or ()
+    own = [(k, v if isinstance(v, bytes) else bytes(v or b""))
+           for k, v in (headers.items() if hasattr(headers, "items") else headers)]
+    return own + [
         ("error.code", code.encode()),
         ("error.message", message[:2000].encode()),
         ("original.topic", record.topic.encode()),

@@ -424,19 +424,37 @@ def _describe(exc: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def decode(raw: bytes | None, schemas: dict[str, type[Strict]], topic: str = "") -> tuple[Envelope, Strict]:
     """Bytes -> (envelope, typed data) for a topic carrying `schemas` (type -> model), or
     DecodeError with INVALID_JSON, INVALID_ENVELOPE, UNKNOWN_EVENT_TYPE or INVALID_DATA."""
     try:
-        obj = json.loads(raw) if raw is not None else None
+        # UTF-8 only (docs/contract.md §2): json.loads would also take UTF-16 and UTF-32 bytes.
+        obj = json.loads(raw.decode("utf-8")) if raw is not None else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError("INVALID_JSON", f"value is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise DecodeError("INVALID_ENVELOPE", "value must be a JSON object")
+    # No text may hold a NUL (Postgres text cannot store one): a record the schema accepts
+    # must be one the platform can carry out. Checked only when the escape appears at all.
+    nul = b"\\u0000" in raw
+    if nul and _has_nul({k: v for k, v in obj.items() if k != "data"}):
+        raise DecodeError("INVALID_ENVELOPE", "text fields must not contain the NUL character (\\u0000)")
     try:
         env = Envelope.model_validate(obj)
     except ValidationError as exc:
         raise DecodeError("INVALID_ENVELOPE", _describe(exc, "")) from None
+    if nul and _has_nul(env.data):
+        raise DecodeError("INVALID_DATA", "data: text fields must not contain the NUL character (\\u0000)")
     model = schemas.get(env.type)
     if model is None:
         raise DecodeError("UNKNOWN_EVENT_TYPE", f"unknown event type {env.type!r}" + (f" on {topic}" if topic else ""))

@@ -2,6 +2,8 @@
 test clock's /admin/clock, and request metrics."""
 from __future__ import annotations
 
+import re
+
 import asyncio
 from typing import Annotated
 
@@ -38,9 +40,21 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
 
 
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+async def _valid_path_ids(request: Request) -> None:
+    """Every id in a path follows the id pattern of the events (letters, digits, _ and -, at most
+    64): anything else (a NUL, a slash, 65 characters, ...) is a malformed request, 400, on every
+    service, rather than an unknown id (404) or a database error (500)."""
+    for name, value in request.path_params.items():
+        if name.endswith("_id") and not _ID.match(value):
+            raise ApiError(400, "INVALID_REQUEST", f"{name}: must match {_ID.pattern}")
+
+
 def create_app(service: str, routers: list[APIRouter]) -> FastAPI:
     app = FastAPI(title=f"Danbao {service}", version="1", openapi_url="/openapi.json", docs_url="/docs",
-                  redoc_url=None)
+                  redoc_url=None, dependencies=[Depends(_valid_path_ids)])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -74,7 +88,8 @@ def create_app(service: str, routers: list[APIRouter]) -> FastAPI:
 
 class ClockMove(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    advance_seconds: Annotated[StrictInt | StrictFloat, Field(ge=0)] | None = None
+    # At most a hundred years at a time: a date beyond year 9999 cannot be represented.
+    advance_seconds: Annotated[StrictInt | StrictFloat, Field(ge=0, le=100 * 366 * 86_400)] | None = None
     set: AwareDatetime | None = None
 
     @model_validator(mode="after")

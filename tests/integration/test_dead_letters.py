@@ -24,9 +24,21 @@ async def test_bad_records_are_dead_lettered_and_good_ones_still_processed(servi
         "INVALID_DATA:extra": json.dumps(envelope("OrderPlaced", order(bad_order, coupon="FREE"))).encode(),
         "INVALID_DATA:missing": json.dumps(envelope("OrderPlaced", missing)).encode(),
         "INVALID_ENVELOPE": json.dumps({"type": "OrderPlaced", "data": order(bad_order)}).encode(),
+        # UTF-8 only: a valid order in UTF-16 or UTF-32 is not JSON the contract accepts.
+        "INVALID_JSON:utf16": json.dumps(envelope("OrderPlaced", order(bad_order))).encode("utf-16"),
+        "INVALID_JSON:utf32": json.dumps(envelope("OrderPlaced", order(bad_order))).encode("utf-32"),
+        # A NUL cannot be carried out (Postgres text): refused by the schema, not failed later.
+        "INVALID_DATA:nul": json.dumps(envelope("OrderCancelled", {"order_id": bad_order,
+                                                                   "reason": "bad\u0000reason"})).encode(),
+        "INVALID_ENVELOPE:nul": json.dumps(envelope("OrderPlaced", order(bad_order), source="shop\u0000")).encode(),
     }
     sent = {}
     for label, raw in bad.items():
+        if label == "INVALID_JSON":  # with headers of its own, which the dead letter keeps
+            meta = await kafka.producer.send_and_wait("orders.events", raw, key=bad_order.encode(),
+                                                      headers=[("shop.trace", b"t-1"), ("shop.system", b"erp")])
+            sent[label] = (raw, meta)
+            continue
         sent[label] = (raw, await kafka.send("orders.events", raw, key=bad_order))
     good_order = new_id("o")
     await kafka.send("orders.events", envelope("OrderPlaced", order(good_order)), key=good_order)
@@ -44,6 +56,10 @@ async def test_bad_records_are_dead_lettered_and_good_ones_still_processed(servi
         assert headers["original.topic"] == "orders.events"
         assert headers["original.partition"] == str(meta.partition)
         assert headers["original.offset"] == str(meta.offset)
+    own = list(by_value[bad["INVALID_JSON"]].headers)
+    assert own[:2] == [("shop.trace", b"t-1"), ("shop.system", b"erp")]  # the record's own, then ours
+    nul = {k: v.decode() for k, v in by_value[bad["INVALID_DATA:nul"]].headers}
+    assert "NUL" in nul["error.message"] and "asyncpg" not in nul["error.message"]
     negative = {k: v.decode() for k, v in by_value[bad["INVALID_DATA:negative"]].headers}
     assert "amount" in negative["error.message"]
     extra = {k: v.decode() for k, v in by_value[bad["INVALID_DATA:extra"]].headers}

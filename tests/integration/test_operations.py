@@ -48,3 +48,18 @@ async def test_test_clock_is_shared_and_never_moves_back(services, api):
     assert bad.status_code in (400, 409)
     both = await api("credit").post("/admin/clock", json={"advance_seconds": 1, "set": target})
     assert both.status_code == 400
+
+
+async def test_malformed_ids_and_clock_moves_are_400_with_an_error_body(services, api):
+    paths = {"gateway": ["/v1/users/{}", "/v1/wallets/{}", "/v1/payments/{}"], "escrow": ["/v1/escrows/{}"],
+             "credit": ["/v1/huabei/{}"], "billing": ["/v1/huabei/{}/statements"]}
+    for service, templates in paths.items():
+        for template in templates:
+            for bad in ("%00", "a%00b", "x" * 65, "a%20b", "%E4%B8%AD"):
+                response = await api(service).get(template.format(bad))
+                assert response.status_code == 400, (service, template, bad, response.text)
+                assert response.json()["error"]["code"] == "INVALID_REQUEST"
+    for too_far in (1e30, 2**63, 10**12):
+        response = await api("gateway").post("/admin/clock", json={"advance_seconds": too_far})
+        assert response.status_code == 400, (too_far, response.text)
+        assert response.json()["error"]["code"] == "INVALID_REQUEST"

@@ -94,3 +94,24 @@ def test_new_event_round_trips_through_the_envelope():
 def test_payment_failed_reason_codes_are_the_contracts():
     with pytest.raises(ValueError):
         PaymentFailed(order_id="o-1", reason_code="SOMETHING_ELSE", message="")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-16-le"])
+def test_only_utf8_is_json(encoding):
+    raw = env().decode().encode(encoding)
+    assert code_of(raw) == "INVALID_JSON"
+
+
+def test_a_nul_in_any_text_is_refused_by_the_schema():
+    assert code_of(env("OrderCancelled", {"order_id": "o-1", "reason": "bad\u0000reason"})) == "INVALID_DATA"
+    assert code_of(env(source="shop\u0000")) == "INVALID_ENVELOPE"
+    assert code_of(env(correlation_id="c\u0000")) == "INVALID_ENVELOPE"
+    with pytest.raises(DecodeError) as info:
+        decode(env("OrderCancelled", {"order_id": "o-1", "reason": "\u0000"}), ORDER_SCHEMAS, topics.ORDERS)
+    assert "NUL" in info.value.message
+
+
+def test_a_backslash_u_that_is_not_a_nul_is_fine():
+    _, data = decode(env("OrderCancelled", {"order_id": "o-1", "reason": "typed \\u0000 by a human"}),
+                     ORDER_SCHEMAS, topics.ORDERS)
+    assert data.reason == "typed \\u0000 by a human"
