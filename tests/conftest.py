@@ -73,7 +73,9 @@ def _start_kafka(image: str):
     the engine mapped to its listener, which differs from the container port and is known only
     once the container exists. So the container starts waiting for a start file; once it runs,
     the file gets the advertised listener with the mapped port, and the image's own entry point
-    takes over (as testcontainers' KafkaContainer does for the Confluent image)."""
+    takes over (as testcontainers' KafkaContainer does for the Confluent image). The file is copied
+    in, not written by `exec`: Podman 4.3 leaves the monitor process of an API exec session
+    running."""
     import shlex
 
     from testcontainers.core.container import DockerContainer
@@ -86,7 +88,7 @@ def _start_kafka(image: str):
         image_config = config.pull(image).attrs["Config"]
     original = [*(image_config.get("Entrypoint") or []), *(image_config.get("Cmd") or [])]
     kafka.with_kwargs(entrypoint=["sh", "-c"])
-    kafka.with_command([f"while [ ! -f {KAFKA_START_FILE} ]; do sleep 0.1; done; . {KAFKA_START_FILE}; "
+    kafka.with_command([f"until grep -qs '^# end' {KAFKA_START_FILE}; do sleep 0.1; done; . {KAFKA_START_FILE}; "
                         f"exec {shlex.join(original)}"])
     kafka.with_exposed_ports(9092)
     kafka.with_envs(
@@ -106,25 +108,52 @@ def _start_kafka(image: str):
     _containers.append(kafka)
     bootstrap = f"{_host(kafka)}:{kafka.get_exposed_port(9092)}"
     advertised = f"PLAINTEXT://{bootstrap},BROKER://localhost:9094"
-    result = kafka.get_wrapped_container().exec_run(
-        ["sh", "-c", f"echo 'export KAFKA_ADVERTISED_LISTENERS={advertised}' > {KAFKA_START_FILE}.tmp "
-                     f"&& mv {KAFKA_START_FILE}.tmp {KAFKA_START_FILE}"])
-    assert result.exit_code == 0, result.output
-    deadline = time.monotonic() + 120
+    kafka.copy_into_container(f"export KAFKA_ADVERTISED_LISTENERS={advertised}\n# end\n".encode(), KAFKA_START_FILE)
     quiet = logging.getLogger("aiokafka")  # "Unable connect" errors while the broker starts
     level, quiet.level = quiet.level, logging.CRITICAL
     try:
-        while True:
-            try:
-                asyncio.run(ping(bootstrap, timeout=5))
-                return bootstrap
-            except Exception:
-                kafka.get_wrapped_container().reload()
-                if time.monotonic() > deadline or kafka.get_wrapped_container().status == "exited":
-                    raise RuntimeError(f"Kafka from {image} did not start: {kafka.get_logs()[0].decode()[-2000:]}")
-                time.sleep(1)
+        _wait_until(kafka, lambda: ping(bootstrap, timeout=5), 120)
     finally:
         quiet.setLevel(level)
+    return bootstrap
+
+
+def _wait_until(container, check, seconds: float) -> None:
+    """Until the coroutine check() succeeds from this host (no `exec` into the container)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            asyncio.run(check())
+            return
+        except Exception as exc:
+            container.get_wrapped_container().reload()
+            if time.monotonic() > deadline or container.get_wrapped_container().status == "exited":
+                raise RuntimeError(f"{container.image} did not start ({exc!r}): "
+                                   f"{container.get_logs()[0].decode()[-2000:]}") from exc
+            time.sleep(0.5)
+
+
+def _start_postgres(image: str) -> str:
+    """Postgres 15 from an image configured like the official one (POSTGRES_* settings): postgres:15
+    or deploy/containers/postgres.Containerfile. Ready when it answers on the mapped port: during
+    its first-start initialisation the server listens on its Unix socket only."""
+    from testcontainers.core.container import DockerContainer
+
+    postgres = DockerContainer(image)
+    postgres.with_envs(POSTGRES_USER="danbao", POSTGRES_PASSWORD="danbao", POSTGRES_DB="danbao")
+    postgres.with_exposed_ports(5432)
+    # Room for five service processes and the tests; a throwaway database needs no fsync.
+    postgres.with_command(["postgres", "-c", "max_connections=200", "-c", "fsync=off",
+                           "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+    postgres.start()
+    _containers.append(postgres)
+    url = f"postgresql://danbao:danbao@{_host(postgres)}:{postgres.get_exposed_port(5432)}/danbao"
+
+    async def answers() -> None:
+        await (await asyncpg.connect(url, timeout=5)).close()
+
+    _wait_until(postgres, answers, 120)
+    return url
 
 
 def _start_containers() -> tuple[str, str]:
@@ -132,17 +161,7 @@ def _start_containers() -> tuple[str, str]:
     # host, even when this host carries the /.dockerenv marker of a container.
     if os.environ.get("DOCKER_HOST", "unix://").startswith("unix://"):
         os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
-    from testcontainers.community.postgres import PostgresContainer
-
-    kafka = _start_kafka(_images()["kafka"])
-    postgres = PostgresContainer(_images()["postgres"], username="danbao", password="danbao", dbname="danbao",
-                                 driver=None)
-    # Room for five service processes and the tests; a throwaway database needs no fsync.
-    postgres.with_command(["postgres", "-c", "max_connections=200", "-c", "fsync=off",
-                           "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
-    postgres.start()
-    _containers.append(postgres)
-    return kafka, postgres.get_connection_url(host=_host(postgres))
+    return _start_kafka(_images()["kafka"]), _start_postgres(_images()["postgres"])
 
 
 def _images() -> dict[str, str]:
