@@ -329,6 +329,6 @@ containers_main() {
     logs)   ct_install; ct_engine logs -f --tail 100 "$(ct_engine ps -q --filter "label=com.docker.compose.project=$CT_PROJECT" \
               --filter "label=com.docker.compose.service=${1:?which container}" | sed -n 1p)" ;;
     down)   ct_down "$@" ;;
-    *)      awk 'NR > 1 && !/^#/ {exit} NR > 2 {sub(/^# ?/, ""); print}' "$CT_DIR/containers.sh"; [ "$cmd" = help ] ;;
+    *)      awk 'NR > 1 && !/^#/ {exit} NR > 3 {sub(/^# ?/, ""); print}' "$CT_DIR/containers.sh"; [ "$cmd" = help ] ;;
   esac
 }
