@@ -378,6 +378,18 @@ class CardDeclined(Strict):
     declined_at: AwareDatetime
 
 
+class PaymentAbandoned(Strict):
+    """gateway -> risk.requests (keyed by buyer_id): a payment the risk engine let through failed
+    later (or an operator rejected it after review): its amount leaves the buyer's daily window.
+    Travels the same way as the order's RiskCheckRequested (by card when it had one), so it is
+    never applied before it."""
+    order_id: Identifier
+    buyer_id: Identifier
+    amount: PositiveFen
+    card_token: CardToken | None
+    accepted_at: AwareDatetime  # of the order, as in its RiskCheckRequested
+
+
 # risk.decisions (risk engine -> gateway), keyed by order_id.
 class RiskDecided(Strict):
     order_id: Identifier
@@ -399,7 +411,7 @@ SCHEMAS: dict[str, dict[str, type[Strict]]] = {
     topics.BILLING_COMMANDS: {m.__name__: m for m in (ApplyRepayment,)},
     topics.BILLING_EVENTS: {m.__name__: m for m in (RepaymentApplied, AccountOverdue, AccountSettled,
                                                     RepaymentAllocated, OverpaymentRefunded)},
-    topics.RISK_REQUESTS: {m.__name__: m for m in (RiskCheckRequested, CardDeclined)},
+    topics.RISK_REQUESTS: {m.__name__: m for m in (RiskCheckRequested, CardDeclined, PaymentAbandoned)},
     topics.RISK_DECISIONS: {m.__name__: m for m in (RiskDecided,)},
     topics.ESCROW_EVENTS: {m.__name__: m for m in (FundsHeld, HoldRefused, EscrowReleased, EscrowRefunded,
                                                    ClawbackRequested, EscrowRefundRejected)},

@@ -103,6 +103,17 @@ def validation_failure(*, buyer_known: bool, seller_known: bool, method: str) ->
     return None
 
 
+def counted_by_risk_engine(reason_code: str, risk_decision: str | None) -> bool:
+    """Whether a failing payment's amount may sit in the risk engine's daily window for its
+    buyer (the engine counts approved and reviewed orders), so that it must be taken out again
+    (docs/contract.md §5: a rejected order does not count, nor does one whose payment failed).
+    Not when it never reached the engine (unknown users), nor when the engine itself rejected
+    it (the decision being applied now: the payment has none yet)."""
+    if reason_code in ("UNKNOWN_BUYER", "UNKNOWN_SELLER", "DUPLICATE_ORDER"):
+        return False
+    return not (reason_code == "RISK_REJECTED" and risk_decision is None)
+
+
 def risk_fallback(amount: int, rules: Rules) -> str:
     """When the risk engine is down or slow: approve small payments, reject the rest."""
     return "approve" if amount <= rules.risk_fallback_approve_max else "reject"

@@ -19,7 +19,7 @@ from services.gateway import domain, store
 from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
 from services.gateway.bank import ChargeResult
 from shared import events, ledger, metrics, outbox, timers, topics
-from shared.events import (ApplyRepayment, CardDeclined, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
+from shared.events import (ApplyRepayment, CardDeclined, PaymentAbandoned, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
                            CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
                            EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
                            HoldRefused, OrderPlaced, PaymentFailed,
@@ -377,6 +377,11 @@ async def _fail(ctx: Context, conn: asyncpg.Connection, payment: dict, reason_co
                                reason_code=reason_code, message=message, next_action_at=None)
     await _publish(ctx, conn, PaymentFailed(order_id=order_id, reason_code=reason_code, message=message),
                    order_id=order_id, cause=cause)
+    if ctx.deps.rules.risk_enabled and domain.counted_by_risk_engine(reason_code, payment["risk_decision"]):
+        abandoned = PaymentAbandoned(order_id=order_id, buyer_id=payment["buyer_id"], amount=payment["amount"],
+                                     card_token=payment["card_token"], accepted_at=payment["accepted_at"])
+        await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
+            abandoned, source=SOURCE, occurred_at=now, correlation_id=order_id, causation_id=cause))
     # A cancel that stopped the payment has PaymentFailed ORDER_CANCELLED as its outcome; any
     # other cancel or refund of an unpaid order is rejected as NOT_PAID.
     in_flight_cancels = await store.take_events(conn, order_id, "cancel_in_flight", "rejected")

@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from shared import events, topics
 from shared.settings import env
 from shared.consumer import dead_letter_headers
-from shared.events import CardDeclined, DecodeError, RiskDecided
+from shared.events import CardDeclined, DecodeError, PaymentAbandoned, RiskDecided
 from services.risk import domain
 
 log = structlog.get_logger("risk")
@@ -178,6 +178,8 @@ def build(settings: EngineSettings) -> faust.App:
             payload = {"raw": msg.value.decode()}
             if isinstance(data, CardDeclined) or data.card_token is not None:
                 await by_card.send(key=data.card_token.encode(), value=payload)
+            elif isinstance(data, PaymentAbandoned):
+                forget(env, data)
             else:
                 # risk.requests is keyed by buyer_id like <app>-by-buyer, so this partition
                 # is the buyer's partition there too: decide here, one hop less.
@@ -201,6 +203,9 @@ def build(settings: EngineSettings) -> faust.App:
 
     async def on_card_record(payload: dict) -> None:
         env, data = _decode(payload["raw"])
+        if isinstance(data, PaymentAbandoned):  # on to the buyer, behind the order's own request
+            await by_buyer.send(key=data.buyer_id.encode(), value={**payload, "card": None})
+            return
         key = data.card_token.encode()
         state = domain.CardState.from_json(cards.get(key))
         if isinstance(data, CardDeclined):
@@ -231,7 +236,20 @@ def build(settings: EngineSettings) -> faust.App:
 
     async def on_buyer_record(payload: dict) -> None:
         env, req = _decode(payload["raw"])
+        if isinstance(req, PaymentAbandoned):
+            forget(env, req)
+            return
         await decide(env, req, payload.get("card"), None)
+
+    def forget(env: events.Envelope, abandoned: PaymentAbandoned) -> None:
+        """A payment the buyer's daily window counted failed later: out of the window."""
+        key = abandoned.buyer_id.encode()
+        state = domain.BuyerState.from_json(buyers.get(key))
+        new_state = domain.buyer_forget(state, env.event_id, abandoned.accepted_at, abandoned.amount)
+        if new_state is not state:
+            buyers[key] = new_state.to_json()
+            log.info("failed payment taken out of the buyer's daily window", order_id=abandoned.order_id,
+                     buyer_id=abandoned.buyer_id, amount=abandoned.amount)
 
     async def decide(env: events.Envelope, req: Any, card: dict | None, for_sellers: dict[str, list] | None) -> None:
         """The buyer's windows and the decision, in the buyer's partition (buyers, pairs). The

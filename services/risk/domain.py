@@ -358,6 +358,20 @@ def buyer_apply(state: BuyerState, event_id: str, req: Request, card_declines: i
             decision, False)
 
 
+def buyer_forget(state: BuyerState, event_id: str, accepted_at: datetime, amount: int) -> BuyerState:
+    """A payment this buyer's window counted failed later: take its amount out of the daily
+    window (one entry with its time and amount; none: nothing to do). Once per event_id."""
+    if state.find(event_id) is not None:
+        return state
+    at = to_ms(accepted_at)
+    accepted = list(state.accepted)
+    if (at, amount) not in accepted:
+        return state
+    accepted.remove((at, amount))
+    decided = [*state.decided, (event_id, at, "forgotten", (), f"payment of {amount} fen failed")][-MAX_ENTRIES:]
+    return replace(state, accepted=tuple(accepted), decided=tuple(decided))
+
+
 # ---------------------------------------------------------------- per-card state
 @dataclass(frozen=True)
 class CardState:

@@ -89,3 +89,19 @@ async def test_engine_down_payments_follow_the_fallback(shop, services):
     assert types(await shop.events(order, 1)) == ["PaymentSucceeded"]
     assert (await shop.payment(order))["risk_decision"] == "approve"
     await shop.audit()
+
+
+async def test_orders_whose_payment_failed_leave_the_daily_amount_window(shop):
+    """Issue 12: a buyer whose earlier orders failed (here: an empty wallet) is not held to their
+    amounts by buyer_daily_amount (5 000 000 fen in 24 h)."""
+    buyer, seller = await shop.user(), await shop.user()
+    failed = [await shop.place(buyer, seller, 1_000_000) for _ in range(4)]  # approved, then unpaid
+    for order in failed:
+        (event,) = await shop.events(order, 1, settle=0)
+        assert (event["type"], event["data"]["reason_code"]) == ("PaymentFailed", "INSUFFICIENT_BALANCE")
+    await shop.top_up(buyer, 2_000_000)
+    paid = [await shop.place(buyer, seller, 1_000_000) for _ in range(2)]
+    for order in paid:
+        assert types(await shop.events(order, 1, settle=0)) == ["PaymentSucceeded"], order
+    assert await shop.wallet(buyer) == 0
+    await shop.audit()

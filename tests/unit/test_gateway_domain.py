@@ -81,3 +81,13 @@ def test_risk_fallback_approves_small_payments_only():
 def test_risk_states_are_in_flight():
     assert SagaState.RISK_CHECK.in_progress and SagaState.REVIEW.in_progress
     assert route_order_event("OrderConfirmed", SagaState.REVIEW) is Route.KEEP
+
+
+def test_which_failed_payments_the_risk_engine_counted():
+    from services.gateway.domain import counted_by_risk_engine
+    assert counted_by_risk_engine("INSUFFICIENT_BALANCE", "approve")
+    assert counted_by_risk_engine("CREDIT_LIMIT_EXCEEDED", "approve")
+    assert counted_by_risk_engine("RISK_REJECTED", "review")  # an operator or the review timeout rejected it
+    assert not counted_by_risk_engine("RISK_REJECTED", None)  # the engine rejected it: never counted
+    assert not counted_by_risk_engine("UNKNOWN_BUYER", None)
+    assert not counted_by_risk_engine("UNKNOWN_SELLER", None)

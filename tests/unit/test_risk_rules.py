@@ -292,3 +292,22 @@ def test_engine_settings_and_the_faust_app(monkeypatch):
     assert app.conf.web_port == 8005 and app.conf.broker_session_timeout == 10
     assert set(app.tables) == {"cards", "buyers", "pairs", "sellers"}
     assert app.tables["buyers"].changelog_topic.get_topic_name() == "risk-engine-buyers-changelog"
+
+
+def test_a_failed_payment_leaves_the_daily_amount_window_once():
+    state, _ = run_buyer([req(2_000_000, T0), req(2_000_000, T0 + timedelta(seconds=1))])
+    assert state.windows(domain.to_ms(T0) + 2_000, S)[1] == 4_000_000
+    forgotten = domain.buyer_forget(state, "abandon-1", T0 + timedelta(seconds=1), 2_000_000)
+    assert forgotten.windows(domain.to_ms(T0) + 2_000, S)[1] == 2_000_000
+    assert domain.buyer_forget(forgotten, "abandon-1", T0, 2_000_000) is forgotten  # once per event
+    # Another 2 500 000 now fits under the 5 000 000 limit; it would not have before.
+    _, decisions = run_buyer([req(2_500_000, T0 + timedelta(seconds=2))], state=forgotten)
+    assert decisions[0].decision == APPROVE
+    _, decisions = run_buyer([req(2_500_000, T0 + timedelta(seconds=2))], state=state)
+    assert decisions[0].decision == REJECT
+
+
+def test_forgetting_what_was_never_counted_changes_nothing():
+    state, _ = run_buyer([req(1_000, T0)])
+    assert domain.buyer_forget(state, "abandon-2", T0, 9_999) is state
+    assert domain.buyer_forget(state, "abandon-3", T0 + timedelta(seconds=5), 1_000) is state
