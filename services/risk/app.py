@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from datetime import datetime
 from dataclasses import dataclass
 from typing import Any
@@ -79,15 +78,6 @@ class EngineSettings:
 
     def internal_topic(self, suffix: str) -> str:
         return f"{self.app_id}-{suffix}"
-
-
-def _as_current(event) -> None:
-    """Make `event` faust's current event, as iterating a plain stream does: table writes send
-    their changelog record to the current event's partition. take_events() yields a batch from
-    another task, where no event is current."""
-    from faust.streams import _current_event
-
-    _current_event.set(weakref.ref(event))
 
 
 def _decode(raw: str) -> tuple[events.Envelope, Any]:
@@ -155,16 +145,10 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 1: decode + route
     @app.agent(requests_topic, name="route")
     async def route(stream):
-        # In small batches, so that a batch's seller statistics leave as one record per seller.
-        async for batch in stream.take_events(500, within=0.005):
-            for_sellers: dict[str, list] = {}
-            for event in batch:
-                _as_current(event)
-                await on_request(event, for_sellers)
-            for seller_id, items in for_sellers.items():
-                await by_seller.send(key=seller_id.encode(), value={"seller_id": seller_id, "items": items})
+        async for event in stream.events():
+            await on_request(event)
 
-    async def on_request(event, for_sellers: dict[str, list]) -> None:
+    async def on_request(event) -> None:
         msg = event.message
         try:
             env, data = events.decode(msg.value, events.SCHEMAS[topics.RISK_REQUESTS], msg.topic)
@@ -183,7 +167,7 @@ def build(settings: EngineSettings) -> faust.App:
             else:
                 # risk.requests is keyed by buyer_id like <app>-by-buyer, so this partition
                 # is the buyer's partition there too: decide here, one hop less.
-                await decide(env, data, None, for_sellers)
+                await decide(env, data, None)
         except Exception as exc:  # a bug: park the record, keep the stream moving
             RECORDS.labels(outcome="dead_letter").inc()
             log.exception("routing failed; record dead-lettered", event_id=env.event_id)
@@ -239,7 +223,7 @@ def build(settings: EngineSettings) -> faust.App:
         if isinstance(req, PaymentAbandoned):
             forget(env, req)
             return
-        await decide(env, req, payload.get("card"), None)
+        await decide(env, req, payload.get("card"))
 
     def forget(env: events.Envelope, abandoned: PaymentAbandoned) -> None:
         """A payment the buyer's daily window counted failed later: out of the window."""
@@ -251,9 +235,8 @@ def build(settings: EngineSettings) -> faust.App:
             log.info("failed payment taken out of the buyer's daily window", order_id=abandoned.order_id,
                      buyer_id=abandoned.buyer_id, amount=abandoned.amount)
 
-    async def decide(env: events.Envelope, req: Any, card: dict | None, for_sellers: dict[str, list] | None) -> None:
-        """The buyer's windows and the decision, in the buyer's partition (buyers, pairs). The
-        seller statistics go to `for_sellers` (sent by the caller) or, without it, at once."""
+    async def decide(env: events.Envelope, req: Any, card: dict | None) -> None:
+        """The buyer's windows and the decision, in the buyer's partition (buyers, pairs)."""
         card = card or {}
         key = req.buyer_id.encode()
         state = domain.BuyerState.from_json(buyers.get(key))
@@ -283,10 +266,7 @@ def build(settings: EngineSettings) -> faust.App:
             RULES_FIRED.labels(rule=rule).inc()
         # Just what the seller's windows need (not the whole request, decoded a second time there).
         item = [env.event_id, req.amount, req.accepted_at.isoformat(), decision.decision]
-        if for_sellers is not None:
-            for_sellers.setdefault(req.seller_id, []).append(item)
-        else:
-            await by_seller.send(key=req.seller_id.encode(), value={"seller_id": req.seller_id, "items": [item]})
+        await by_seller.send(key=req.seller_id.encode(), value={"seller_id": req.seller_id, "items": [item]})
         if decision.rules:
             # Every rule that fires is logged. Plain approvals (nearly all, and in risk.decisions
             # anyway) are not: at full load that line cost a fifth of the engine's CPU.
