@@ -143,15 +143,6 @@ class NewTransfer:
     pending: bool = False
 
 
-async def available_many(conn: asyncpg.Connection, account_ids: list[str]) -> dict[str, int]:
-    """Available balance of these total-keeping accounts, locked in id order until the
-    transaction ends. Accounts never used are absent (nothing available)."""
-    rows = await conn.fetch(
-        """SELECT id, credits_posted - debits_posted - debits_pending AS available FROM ledger_accounts
-           WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE""", sorted(set(account_ids)))
-    return {r["id"]: r["available"] for r in rows}
-
-
 async def _add_totals(conn: asyncpg.Connection, deltas: dict[str, list[int]]) -> None:
     """deltas: account -> [debits_posted, credits_posted, debits_pending, credits_pending] changes."""
     if not deltas:
