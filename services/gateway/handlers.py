@@ -625,15 +625,23 @@ async def orders_placed(ctx: Context, conn: asyncpg.Connection, items: Batch) ->
     return [(env, o) for env, o in items if o.order_id not in inserted]
 
 
+async def _lock_waiting(conn: asyncpg.Connection, items: Batch, state: SagaState) -> tuple[Batch, list]:
+    """Lock the payments of a run of answers. Returns the answers still to handle (those of
+    payments in `state`, or of no payment: the one-by-one handler reports those) and, of them,
+    (envelope, answer, payment) for the wallet payments, which the set paths handle."""
+    payments = await store.lock_payments(conn, [e.order_id for _, e in items])
+    items = [(env, e) for env, e in items
+             if e.order_id not in payments or payments[e.order_id]["saga_state"] == state.value]
+    wallet_payments = [(env, e, payments[e.order_id]) for env, e in items
+                       if e.order_id in payments and payments[e.order_id]["payment_method"] == "balance"]
+    return items, wallet_payments
+
+
 async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
     """Approved wallet payments the wallet can pay: reserve the money, ask escrow to hold it."""
-    payments = await store.lock_payments(conn, [e.order_id for _, e in items])
-    # Late (the fallback decided) or repeated: nothing to do, as in risk_decided.
-    items = [(env, e) for env, e in items
-             if e.order_id not in payments or payments[e.order_id]["saga_state"] == SagaState.RISK_CHECK.value]
-    candidates = [(env, e, payments[e.order_id]) for env, e in items
-                  if e.order_id in payments and e.decision == "approve"
-                  and payments[e.order_id]["payment_method"] == "balance"]
+    # Late (the fallback decided) or repeated answers drop out, as in risk_decided.
+    items, waiting = await _lock_waiting(conn, items, SagaState.RISK_CHECK)
+    candidates = [(env, e, p) for env, e, p in waiting if e.decision == "approve"]
     if not candidates:
         return items
     now = ctx.clock.now()
@@ -659,12 +667,8 @@ async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -
 
 async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
     """Wallet payments escrow now holds: post the reservation, publish PaymentSucceeded."""
-    payments = await store.lock_payments(conn, [e.order_id for _, e in items])
-    # The answer to a re-sent hold, already applied: nothing to do, as in funds_held.
-    items = [(env, e) for env, e in items
-             if e.order_id not in payments or payments[e.order_id]["saga_state"] == SagaState.HOLDING.value]
-    fast = [(env, e, payments[e.order_id]) for env, e in items
-            if e.order_id in payments and payments[e.order_id]["payment_method"] == "balance"]
+    # The answer to a re-sent hold, already applied, drops out, as in funds_held.
+    items, fast = await _lock_waiting(conn, items, SagaState.HOLDING)
     if not fast:
         return items
     now = ctx.clock.now()
