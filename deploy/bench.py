@@ -458,7 +458,7 @@ async def run(args: argparse.Namespace) -> int:
     ok = True
     platform_runs: list[dict] = []
     if not args.baseline_only:
-        token = os.environ.get("DANBAO_API_TOKEN")
+        token = os.environ.get("DANBAO_API_TOKEN", "").split(",")[0].strip()  # the current token first
         if not token:
             print("DANBAO_API_TOKEN is not set (./danbao bench sets it from .data/secrets.env)", file=sys.stderr)
             return 2

@@ -245,7 +245,7 @@ class Demo:
 
 
 async def run(orders: int, seed: int) -> int:
-    token = os.environ.get("DANBAO_API_TOKEN")
+    token = os.environ.get("DANBAO_API_TOKEN", "").split(",")[0].strip()  # the current token first
     if not token:
         print("DANBAO_API_TOKEN is not set (./danbao demo sets it from .data/secrets.env)", file=sys.stderr)
         return 2

@@ -32,3 +32,33 @@ def test_unknown_clock_mode_is_refused(monkeypatch):
     monkeypatch.setenv("DANBAO_CLOCK", "sundial")
     with pytest.raises(settings.SettingsError):
         settings.load("gateway")
+
+
+def test_secrets_are_lists_for_rotation(monkeypatch):
+    monkeypatch.setenv("DANBAO_API_TOKEN", "tok-new, tok-old,")
+    monkeypatch.setenv("DANBAO_JWT_SECRET", "default-secret")
+    monkeypatch.setenv("DANBAO_JWT_KEYS", "2026-11:secret:with:colons, 2026-10:older")
+    s = settings.load("gateway")
+    assert s.api_tokens == ("tok-new", "tok-old")
+    assert s.jwt_secrets == ("default-secret",)
+    assert s.jwt_keys == {"2026-11": "secret:with:colons", "2026-10": "older"}
+    assert "tok-old" not in repr(s) and "older" not in repr(s)
+
+
+def test_named_jwt_keys_alone_are_enough(monkeypatch):
+    monkeypatch.setenv("DANBAO_API_TOKEN", "t")
+    monkeypatch.delenv("DANBAO_JWT_SECRET", raising=False)
+    monkeypatch.setenv("DANBAO_JWT_KEYS", "k1:s1")
+    assert settings.load("gateway").jwt_keys == {"k1": "s1"}
+    monkeypatch.delenv("DANBAO_JWT_KEYS")
+    with pytest.raises(settings.SettingsError):
+        settings.load("gateway")
+
+
+@pytest.mark.parametrize("value", ["no-colon-secret", ":secret", "k1:", "bad kid:s", "k1:a,k1:b"])
+def test_malformed_jwt_keys_are_refused_without_echoing_the_secret(monkeypatch, value):
+    monkeypatch.setenv("DANBAO_API_TOKEN", "t")
+    monkeypatch.setenv("DANBAO_JWT_KEYS", value)
+    with pytest.raises(settings.SettingsError) as info:
+        settings.load("gateway")
+    assert "secret" not in str(info.value).replace("kid:secret", "") and "no-colon" not in str(info.value)
