@@ -37,6 +37,21 @@ def envelope(type_: str, data: dict) -> bytes:
                        "correlation_id": data.get("order_id"), "data": data}).encode()
 
 
+async def register_user(gateway: httpx.AsyncClient, user_id: str) -> None:
+    """Registers a Huabei-eligible user (adult, real name verified, a phone and an id number of its own)."""
+    body = {"user_id": user_id, "full_name": f"Demo {user_id}", "birth_date": "1990-03-14",
+            "phone": f"139{uuid.uuid4().int % 10**8:08d}", "id_number": f"ID{uuid.uuid4().hex[:16]}",
+            "real_name_verified": True}
+    response = await gateway.post("/v1/users", json=body)
+    response.raise_for_status()
+
+
+async def top_up(gateway: httpx.AsyncClient, user_id: str, amount: int, card_token: str = "tok_demo_visa") -> None:
+    response = await gateway.post(f"/v1/wallets/{user_id}/top-ups", json={
+        "amount": amount, "card_token": card_token, "idempotency_key": uuid.uuid4().hex})
+    response.raise_for_status()
+
+
 class Outcomes:
     """payments.events from now on, by order."""
 
@@ -92,16 +107,10 @@ class Demo:
             await client.aclose()
 
     async def register(self, user_id: str) -> None:
-        body = {"user_id": user_id, "full_name": f"Demo {user_id}", "birth_date": "1990-03-14",
-                "phone": f"139{uuid.uuid4().int % 10**8:08d}", "id_number": f"ID{uuid.uuid4().hex[:16]}",
-                "real_name_verified": True}
-        response = await self.http["gateway"].post("/v1/users", json=body)
-        response.raise_for_status()
+        await register_user(self.http["gateway"], user_id)
 
     async def top_up(self, user_id: str, amount: int) -> None:
-        response = await self.http["gateway"].post(f"/v1/wallets/{user_id}/top-ups", json={
-            "amount": amount, "card_token": "tok_demo_visa", "idempotency_key": uuid.uuid4().hex})
-        response.raise_for_status()
+        await top_up(self.http["gateway"], user_id, amount)
 
     async def send(self, type_: str, data: dict) -> None:
         await self.producer.send("orders.events", envelope(type_, data), key=data["order_id"].encode())
