@@ -21,7 +21,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from shared import events, inbox, metrics, outbox, topics
+from shared import events, inbox, kafka, metrics, outbox, topics
 from shared.events import DecodeError, Envelope, Strict
 
 log = structlog.get_logger("consumer")
@@ -79,7 +79,8 @@ class _Decoded:
 class ConsumerLoop:
     def __init__(self, *, bootstrap: str, group_id: str, pool: asyncpg.Pool,
                  subscriptions: list[Subscription], max_records: int = 500,
-                 before_batch: Callable[[], Awaitable[Any]] | None = None):
+                 before_batch: Callable[[], Awaitable[Any]] | None = None,
+                 security: kafka.Security | None = None):
         self.pool = pool
         # E.g. re-read the test clock, so a batch never runs on a clock older than a move
         # that happened before its records were published.
@@ -92,6 +93,7 @@ class ConsumerLoop:
             session_timeout_ms=10_000, heartbeat_interval_ms=1_000, max_poll_records=max_records,
             # Only committed data, if anyone ever writes these topics transactionally.
             isolation_level="read_committed",
+            **kafka.client_options(security),
         )
         self.ready = asyncio.Event()
 

@@ -13,6 +13,7 @@ import asyncpg
 import structlog
 import uvicorn
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 from fastapi import APIRouter
 
 from shared import db, http, kafka, logs, settings as settings_mod, topics
@@ -52,8 +53,13 @@ class _Server(uvicorn.Server):
 
 async def run(spec: ServiceSpec) -> None:
     settings = settings_mod.load(spec.name)
+    security = kafka.Security.from_env()
     logs.configure(spec.name)
-    log.info("starting", kafka=settings.kafka_bootstrap_servers, clock=settings.clock_mode)
+    log.info("starting", kafka=settings.kafka_bootstrap_servers, kafka_security=security.describe(),
+             clock=settings.clock_mode)
+    # Wrong credentials end the process here, with the broker's reason, instead of clients
+    # retrying "Unable to bootstrap" forever.
+    await kafka.check_access(settings.kafka_bootstrap_servers, security)
 
     pool = await db.create_pool(settings.database_url, settings.schema)
     applied = await db.migrate(pool, settings.schema, [db.RUNTIME_MIGRATIONS, spec.migrations])
@@ -61,8 +67,8 @@ async def run(spec: ServiceSpec) -> None:
         log.info("migrations applied", migrations=applied)
     clock = make_clock(settings.clock_mode)
     await clock.start(pool)
-    await kafka.ensure_topics(settings.kafka_bootstrap_servers, topics.ALL, settings.topic_partitions)
-    producer = kafka.make_producer(settings.kafka_bootstrap_servers)
+    await kafka.ensure_topics(settings.kafka_bootstrap_servers, topics.ALL, settings.topic_partitions, security=security)
+    producer = kafka.make_producer(settings.kafka_bootstrap_servers, security)
     await producer.start()
     ctx = Context(settings=settings, pool=pool, producer=producer, clock=clock, deps=spec.deps(settings))
 
@@ -75,7 +81,7 @@ async def run(spec: ServiceSpec) -> None:
     subscriptions = spec.subscriptions(ctx)
     if subscriptions:
         loop_ = ConsumerLoop(bootstrap=settings.kafka_bootstrap_servers, group_id=spec.name, pool=pool,
-                             subscriptions=subscriptions,
+                             subscriptions=subscriptions, security=security,
                              before_batch=clock.refresh if clock.controllable else None)
         tasks.append(asyncio.create_task(loop_.run(), name="consumer"))
     tasks += [asyncio.create_task(f(ctx), name=f.__name__) for f in spec.loops]
@@ -105,5 +111,7 @@ async def run(spec: ServiceSpec) -> None:
 def main(spec: ServiceSpec) -> None:
     try:
         asyncio.run(run(spec))
-    except settings_mod.SettingsError as exc:
+    except (settings_mod.SettingsError, kafka.KafkaAccessError) as exc:
         raise SystemExit(f"danbao-{spec.name}: {exc}") from None
+    except KafkaConnectionError as exc:  # at start-up: no broker answered
+        raise SystemExit(f"danbao-{spec.name}: {exc} (KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL)") from None

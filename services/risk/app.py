@@ -31,7 +31,8 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from shared import events, topics
-from shared.settings import env
+from shared.kafka import KafkaAccessError, Security
+from shared.settings import SettingsError, env
 from shared.consumer import dead_letter_headers
 from shared.events import CardDeclined, DecodeError, PaymentAbandoned, RiskDecided
 from services.risk import domain
@@ -57,6 +58,7 @@ class EngineSettings:
     data_dir: str
     instance_id: str | None  # Kafka static membership: a restarted worker rejoins at once
     rules: domain.RiskSettings
+    kafka_security: Security = Security()  # KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_CAFILE
 
     @classmethod
     def from_env(cls) -> "EngineSettings":
@@ -70,6 +72,7 @@ class EngineSettings:
             data_dir=env("RISK_DATA_DIR", "/tmp/danbao-risk"),
             instance_id=os.environ.get("RISK_INSTANCE_ID", "").strip() or None,
             rules=domain.RiskSettings.from_env(),
+            kafka_security=Security.from_env(),
         )
 
     @property
@@ -94,6 +97,7 @@ def build(settings: EngineSettings) -> faust.App:
         # variables can override faust settings (an escape hatch, e.g. RISK_FAUST_STREAM_BUFFER_MAXSIZE).
         env_prefix="RISK_FAUST_",
         broker=settings.broker,
+        broker_credentials=settings.kafka_security.faust_credentials(),  # None: PLAINTEXT
         store="memory://",  # state is rebuilt from the changelog topics on start
         datadir=settings.data_dir,
         topic_partitions=n,
@@ -373,14 +377,17 @@ async def _ensure_topics(settings: EngineSettings, timeout: float = 60.0) -> Non
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    from shared.kafka import ensure_topics
+    from shared.kafka import check_access, ensure_topics
 
+    security = settings.kafka_security
     deadline = time.monotonic() + timeout
     while True:
         try:
+            await check_access(settings.kafka_bootstrap_servers, security)
             await ensure_topics(settings.kafka_bootstrap_servers, [topics.RISK_REQUESTS, topics.RISK_DECISIONS],
-                                settings.partitions)
-            admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+                                settings.partitions, security=security)
+            admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                        **security.client_options())
             await admin.start()
             try:
                 wanted = {settings.internal_topic(s) for s in ("by-card", "by-buyer", "by-seller")}
@@ -394,6 +401,8 @@ async def _ensure_topics(settings: EngineSettings, timeout: float = 60.0) -> Non
             finally:
                 await admin.close()
             return
+        except KafkaAccessError:
+            raise  # wrong credentials: waiting will not help
         except Exception as exc:  # Kafka not up yet: wait for it a while, then give up
             if time.monotonic() > deadline:
                 raise
@@ -407,17 +416,23 @@ def main() -> None:
 
     from shared import logs
 
-    settings = EngineSettings.from_env()
+    try:
+        settings = EngineSettings.from_env()
+    except (SettingsError, domain.RiskSettingsError) as exc:
+        raise SystemExit(f"danbao-risk: {exc}") from None
     logs.configure(SOURCE, settings.log_level)
     # faust/mode are chatty at INFO (every rebalance, every recovery step): warnings only.
     for noisy in ("faust", "mode", "aiokafka", "kafka", "aiohttp.access", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    log.info("starting", kafka=settings.kafka_bootstrap_servers, app_id=settings.app_id,
+    log.info("starting", kafka=settings.kafka_bootstrap_servers, kafka_security=settings.kafka_security.describe(),
+             app_id=settings.app_id,
              partitions=settings.partitions, web_port=settings.web_port)
 
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(_ensure_topics(settings))
+    except KafkaAccessError as exc:
+        raise SystemExit(f"danbao-risk: {exc}") from None
     finally:
         loop.close()
     asyncio.set_event_loop(asyncio.new_event_loop())
