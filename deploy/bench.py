@@ -73,6 +73,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from deploy.demo import KAFKA, URLS, envelope
+from shared.kafka import client_options
 
 AMOUNT = 1_000                # fen per order
 ORDERS_TOPIC = "orders.events"
@@ -157,7 +158,8 @@ class Outcomes:
         self.redelivered = 0                             # the same event id again
         self.event_ids: dict[str, set[str]] = {}
         self.complete = asyncio.Event()
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False, fetch_max_wait_ms=50)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False, fetch_max_wait_ms=50,
+                                         **client_options())
 
     async def start(self, partitions: set[int]) -> None:
         await self.consumer.start()
@@ -293,7 +295,8 @@ def print_platform_run(n: int | None, r: dict) -> None:
 
 
 async def run_platform(args: argparse.Namespace, token: str) -> list[dict]:
-    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=20 if args.rate is None else 1)
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=20 if args.rate is None else 1,
+                                **client_options())
     await producer.start()
     try:
         results = []

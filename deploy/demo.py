@@ -25,6 +25,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from deploy.audit import audit_settled
+from shared.kafka import client_options
 from shared.settings import DEFAULT_URLS
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "127.0.0.1:9092"
@@ -57,7 +58,7 @@ class Outcomes:
 
     def __init__(self):
         self.by_order: dict[str, list[dict]] = {}
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False, **client_options())
 
     async def start(self, producer: AIOKafkaProducer) -> None:
         await self.consumer.start()
@@ -92,7 +93,7 @@ class Demo:
     def __init__(self, token: str, orders: int, seed: int):
         headers = {"Authorization": f"Bearer {token}"}
         self.http = {n: httpx.AsyncClient(base_url=u, headers=headers, timeout=15) for n, u in URLS.items()}
-        self.producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=5)
+        self.producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", linger_ms=5, **client_options())
         self.outcomes = Outcomes()
         self.rng = random.Random(seed)
         self.run = uuid.uuid4().hex[:6]
