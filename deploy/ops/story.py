@@ -61,7 +61,7 @@ def _net(transfers: list[dict], account: str, *, credit_side: bool) -> int:
 
 async def published_events(db: Databases, service: str, needle: str, *, match: str) -> list[dict[str, Any]]:
     """Outbox rows of `service` whose envelope carries `needle` in data[match] (or as correlation id)."""
-    rows = await db.fetch(service, f"""SELECT id, topic, key, value, created_at, published_at
+    rows = await db.fetch(service, f"""SELECT id, topic, key, value, header_keys, header_values, created_at, published_at
                                       FROM {service}.outbox WHERE position($1::bytea IN value) > 0 ORDER BY id""",
                           needle.encode())
     out = []
@@ -72,8 +72,11 @@ async def published_events(db: Databases, service: str, needle: str, *, match: s
         data = env.get("data") if isinstance(env.get("data"), dict) else {}
         if data.get(match) != needle and not (match == "order_id" and env.get("correlation_id") == needle):
             continue
+        headers = dict(zip(r["header_keys"], r["header_values"]))
         out.append({"service": service, "topic": r["topic"], "outbox_id": r["id"], "envelope": env,
-                    "created_at": r["created_at"], "published_at": r["published_at"]})
+                    "created_at": r["created_at"], "published_at": r["published_at"],
+                    "error": {k: headers[k].decode("utf-8", "replace") for k in ("error.code", "error.message")
+                              if k in headers} or None})
     return out
 
 
@@ -94,6 +97,9 @@ async def order_story(order_id: str) -> dict[str, Any]:
             transfers[s] = await db.fetch(s, f"""SELECT id, debit_account, credit_account, amount, kind, pending_id, code,
                                                         created_at FROM {s}.ledger_transfers
                                                  WHERE order_id = $1 ORDER BY created_at, id""", order_id)
+        replays = {r["event_id"]: r for r in await db.fetch(
+            "gateway", "SELECT * FROM danbao_ops.dlq_replays WHERE event_id = ANY($1::text[])",
+            [p["envelope"].get("event_id") for p in published if p["error"]])}
     now = await platform_now()
     timeline: list[dict[str, Any]] = []
     for e in received:
@@ -102,8 +108,16 @@ async def order_story(order_id: str) -> dict[str, Any]:
                                event_id=e["event_id"]))
     for p in published:
         env = p["envelope"]
-        when = _when(env.get("occurred_at"), p["created_at"])
         state = "" if p["published_at"] else " (not published yet)"
+        if p["error"]:  # a record this service could not accept, dead-lettered (wall-clock time)
+            replay = replays.get(env.get("event_id"))
+            timeline.append(_entry(p["created_at"], p["service"], "dead-letter",
+                                   f"{env.get('type')} -> {p['topic']}: {p['error'].get('error.code')} "
+                                   f"{p['error'].get('error.message', '')[:120]}"
+                                   + (f" (replayed {short_time(replay['replayed_at'])})" if replay else ""),
+                                   env.get("data"), event_id=env.get("event_id"), replayed=bool(replay)))
+            continue
+        when = _when(env.get("occurred_at"), p["created_at"])
         timeline.append(_entry(when, p["service"], "published", f"{env.get('type')} -> {p['topic']}{state}",
                                env.get("data"), event_id=env.get("event_id")))
     for s, rows in transfers.items():
@@ -189,6 +203,8 @@ def order_problems(story: dict[str, Any], now: datetime) -> list[str]:
     for e in story["timeline"]:
         if e["kind"] == "published" and "not published yet" in e["summary"] and e["at"] < now - timedelta(minutes=1):
             problems.append(f"{e['service']}: {e['summary'].split(' (')[0]} waits in the outbox")
+        if e["kind"] == "dead-letter" and not e.get("replayed"):
+            problems.append(f"dead-lettered, not replayed: {e['summary']}")
         if e["kind"] == "received" and e["summary"].endswith("(parked)"):
             problems.append(f"{e['summary'].split(' received')[0]} is parked: its OrderPlaced has not arrived")
     return problems
