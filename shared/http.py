@@ -5,16 +5,17 @@ from __future__ import annotations
 import re
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared import auth, metrics
+from shared import audit, auth, metrics
 from shared.clock import ClockMovedBack
 from shared.errors import ApiError
 from shared.events import rfc3339
@@ -28,6 +29,8 @@ class ErrorDetail(BaseModel):
 class ErrorBody(BaseModel):
     error: ErrorDetail
 
+
+log = structlog.get_logger("http")
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 422)}
 
@@ -80,10 +83,62 @@ def create_app(service: str, routers: list[APIRouter]) -> FastAPI:
         metrics.HTTP_REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), response.status_code).inc()
         return response
 
+    @app.middleware("http")
+    async def _audit(request: Request, call_next):
+        """The audit trail (shared/audit.py): every /admin/* call that may change something, on
+        every service, recorded before it runs and completed with its status."""
+        if not audit.audited(request.method, request.url.path):
+            return await call_next(request)
+        who = _caller_of(request)
+        try:
+            entry = await audit.start(ctx_of(request).pool, operator=request.headers.get("x-operator"),
+                                      token_id=who, method=request.method, path=request.url.path,
+                                      body=audit.body_summary(await request.body()))
+        except Exception as exc:  # no trail, no operator action
+            log.error("audit trail unavailable; operator action refused", error=repr(exc))
+            return _error(503, "AUDIT_UNAVAILABLE", "the audit trail cannot be written; try again")
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            log.info("operator action", audit_id=entry, token_id=who, method=request.method,
+                     path=audit.clean(request.url.path, 300), status=status)
+            try:
+                await audit.finish(ctx_of(request).pool, entry, status)
+            except Exception as exc:
+                log.error("audit outcome not written", audit_id=entry, status=status, error=repr(exc))
+
     app.include_router(_common_router())
     for router in routers:
         app.include_router(router)
     return app
+
+
+def _caller_of(request: Request) -> str | None:
+    """Who calls, for the audit trail: the operator token's fingerprint, `user:<id>` for a user
+    token, None without a valid token. Never the token itself."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    try:
+        caller = auth.authenticate(request, token.strip())
+    except ApiError:
+        return None
+    return caller.token_id if caller.operator else f"user:{caller.user_id}"
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: str
+    operator: str | None
+    token_id: str | None
+    method: str
+    path: str
+    body: Any
+    status: int | None
+    finished_at: str | None
 
 
 class ClockMove(BaseModel):
@@ -153,5 +208,15 @@ def _common_router() -> APIRouter:
             raise ApiError(409, "CLOCK_MOVED_BACK", str(exc)) from None
         ctx_of(request).clock_moved.set()
         return {"now": rfc3339(now)}
+
+    @router.get("/admin/audit-log", response_model=list[AuditEntry], responses=ERRORS, tags=["operations"],
+                dependencies=[Depends(auth.operator)])
+    async def audit_log(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                        before: Annotated[int | None, Query(ge=1, description="page back: entries older than this id")] = None):
+        """Operator actions on this service (every /admin/* call that may change something, refused
+        ones too), newest first: who (X-Operator, the token's fingerprint), what (method, path, a
+        summary of the body without secrets or personal data), when, and the HTTP status."""
+        return [{**e, "at": rfc3339(e["at"]), "finished_at": e["finished_at"] and rfc3339(e["finished_at"])}
+                for e in await audit.recent(ctx_of(request).pool, limit, before)]
 
     return router
