@@ -2,9 +2,10 @@
 test clock's /admin/clock, and request metrics."""
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 
-import asyncio
 from typing import Annotated, Any
 
 import structlog
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared import audit, auth, metrics
 from shared.clock import ClockMovedBack
 from shared.errors import ApiError
-from shared.events import rfc3339
+from shared.events import _has_nul, rfc3339
 
 
 class ErrorDetail(BaseModel):
@@ -55,9 +56,25 @@ async def _valid_path_ids(request: Request) -> None:
             raise ApiError(400, "INVALID_REQUEST", f"{name}: must match {_ID.pattern}")
 
 
+async def _no_nul_in_body(request: Request) -> None:
+    """No text in a JSON body may hold a NUL: Postgres text cannot store one, so it would be a 500
+    half-way through a write. Parsed only when the escape (or a raw NUL) appears at all."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    body = await request.body()  # cached by Starlette: the endpoint reads it again for free
+    if b"\\u0000" not in body and b"\x00" not in body:
+        return
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if b"\x00" in body or _has_nul(parsed):
+        raise ApiError(400, "INVALID_REQUEST", "text fields must not contain the NUL character (\\u0000)")
+
+
 def create_app(service: str, routers: list[APIRouter]) -> FastAPI:
     app = FastAPI(title=f"Danbao {service}", version="1", openapi_url="/openapi.json", docs_url="/docs",
-                  redoc_url=None, dependencies=[Depends(_valid_path_ids)])
+                  redoc_url=None, dependencies=[Depends(_valid_path_ids), Depends(_no_nul_in_body)])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
