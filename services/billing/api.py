@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from services.billing import domain, handlers, store
 from services.billing.domain import Period
+from shared import projection
 from shared.auth import Principal, principal
 from shared.errors import ApiError
 from shared.http import ERRORS, ctx_of
@@ -92,11 +93,6 @@ async def _bring_up_to_date(ctx, user_id: str, now: datetime) -> bool:
         return True
 
 
-def _bills_anything(totals: dict) -> bool:
-    """An unissued cycle is listed while it carries something to bill (see handlers._issue)."""
-    return totals["principal"] + totals["fee"] + totals["penalty"] > 0
-
-
 def _view(rules: domain.BillingRules, user_id: str, period: Period, totals: dict | None, statement: dict | None,
           now: datetime) -> dict:
     totals = totals or {"principal": 0, "fee": 0, "penalty": 0, "paid": 0}
@@ -112,20 +108,26 @@ def _view(rules: domain.BillingRules, user_id: str, period: Period, totals: dict
             "status": status.value}
 
 
-@router.get("/huabei/{user_id}/statements", response_model=list[Statement], tags=["billing"])
+@router.get("/huabei/{user_id}/statements", response_model=list[Statement], tags=["billing"],
+            responses={404: {"description": "USER_NOT_FOUND: billing does not know the user"}})
 async def list_statements(user_id: str, request: Request, caller: Principal = Depends(principal)):
-    """The user's issued statements, oldest first, and the open cycle when it carries anything."""
+    """The user's issued statements, oldest first, and the open cycle when it carries anything;
+    [] for a user with no Huabei purchases, 404 USER_NOT_FOUND for a user billing does not know."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
     rules = ctx.deps.rules
     now = ctx.clock.now()
     if not await _bring_up_to_date(ctx, user_id, now):
+        # A user registered at the gateway a moment ago may not have reached us yet: wait for it.
+        if await projection.wait_for(lambda: store.known_user(ctx.pool, user_id)) is None:
+            raise ApiError(404, "USER_NOT_FOUND", f"no user {user_id} known to the billing service")
         return []
     async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         statements = {s["period"]: s for s in await store.statements_of(conn, user_id)}
         totals = await store.period_totals(conn, user_id)
     current = domain.cycle_of(now, rules)
-    periods = set(statements) | {p for p, t in totals.items() if Period.parse(p) <= current and _bills_anything(t)}
+    periods = set(statements) | {p for p, t in totals.items()
+                                 if Period.parse(p) <= current and domain.bills_anything([t])}
     return [_view(rules, user_id, Period.parse(p), totals.get(p), statements.get(p), now) for p in sorted(periods)]
 
 
@@ -145,7 +147,8 @@ async def get_statement(user_id: str, statement_id: str, request: Request, calle
         totals = (await store.period_totals(conn, user_id)).get(str(period))
         items = [i for i in await store.items_of_user(conn, user_id) if i["period"] == str(period)]
         charged = {i["item_id"]: len(await store.penalty_charges(conn, i["item_id"])) for i in items}
-    if statement is None and (totals is None or not _bills_anything(totals) or period > domain.cycle_of(now, rules)):
+    if statement is None and (totals is None or not domain.bills_anything([totals])
+                              or period > domain.cycle_of(now, rules)):
         raise ApiError(404, "STATEMENT_NOT_FOUND", f"{user_id} has no statement {statement_id}")
     view = _view(rules, user_id, period, totals, statement, now)
     view["items"] = [{"item_id": i["item_id"], "kind": i["kind"], "plan_id": i["plan_id"], "period_no": i["period_no"],

@@ -1,5 +1,6 @@
-"""Billing wiring: the drawdowns and refunds it consumes from credit.events, the repayments from
-billing.commands, its API and its timer (statements, penalties, freezing)."""
+"""Billing wiring: the user ids it consumes from users.events, the drawdowns and refunds from
+credit.events, the repayments from billing.commands, its API and its timer (statements,
+penalties, freezing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ class Deps:
 def subscriptions(ctx: Context) -> list[Subscription]:
     # CreditReserved / CreditRefused have no handler: accepted and ignored.
     return [
+        Subscription(topics.USERS, {"UserRegistered": partial(handlers.user_registered, ctx)}),
         Subscription(topics.CREDIT_EVENTS, {
             "DrawdownCommitted": partial(handlers.drawdown_committed, ctx),
             "DrawdownRefunded": partial(handlers.drawdown_refunded, ctx)}),

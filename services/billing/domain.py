@@ -23,7 +23,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared.money import apply_rate, percent
@@ -33,6 +33,19 @@ INSTALLMENT_PERIODS = (3, 6, 9, 12)
 
 # Day settings stay within 1..28 so that "the same day next month" always exists.
 _MAX_DAY = 28
+
+
+# ---------------------------------------------------------------- ledger accounts (billing's schema)
+# Principal is the credit service's loan; billing books only fees and penalties.
+GATEWAY = "gateway"                                  # fee and penalty money received through the gateway
+REVENUE_INSTALLMENT_FEE = "revenue:installment_fee"  # accrued installment fees (credit-normal)
+REVENUE_PENALTY = "revenue:penalty"                  # charged overdue penalties (credit-normal)
+FEES_RECEIVABLE_PREFIX = "fees_receivable:"
+
+
+def fees_receivable(user_id: str) -> str:
+    """Fees and penalties the user owes (debit-normal)."""
+    return f"{FEES_RECEIVABLE_PREFIX}{user_id}"
 
 
 # ---------------------------------------------------------------- settings
@@ -217,6 +230,12 @@ def first_due_for_purchase(committed_at: datetime, rules: BillingRules) -> date:
     return statement_due_date(cycle_of(committed_at, rules), rules)
 
 
+def bills_anything(items: Iterable[Mapping[str, int]]) -> bool:
+    """Whether a cycle's items (or their totals) bill anything: principal, fee or penalty. A cycle
+    that bills nothing issues no statement and is not listed."""
+    return any(i["principal"] + i["fee"] + i["penalty"] > 0 for i in items)
+
+
 def periods_to_issue(after: Period, now: datetime, rules: BillingRules) -> list[Period]:
     """The periods after `after` whose statements have fallen due for issuing by `now`, oldest
     first. A statement is issued when its successor cycle opens, so these are the periods from
@@ -286,25 +305,11 @@ def charged_overdue_days(due_on: date, now: datetime, rules: BillingRules, *, af
     return [first + timedelta(days=i) for i in range(max(0, (today - first).days))]
 
 
-def next_penalty_at(due_on: date, now: datetime, rules: BillingRules) -> datetime:
-    """When the next overdue day will be charged (for the penalty timer), as of `now`."""
-    today = business_date(now, rules)
-    return overdue_day_charged_at(max(due_on + timedelta(days=1), today), rules)
-
-
 def daily_penalty(overdue_principal: int, rules: BillingRules) -> int:
     """One overdue day's penalty: round_half_up(unpaid principal * 0.05 %)."""
     if overdue_principal < 0:
         raise ValueError("principal cannot be negative")
     return apply_rate(overdue_principal, rules.penalty_daily_rate)
-
-
-def penalty_for_days(days: Iterable[date], unpaid_principal_on: Callable[[date], int], rules: BillingRules) -> int:
-    """The penalty of several overdue days, one round_half_up per day. `unpaid_principal_on(day)`
-    is the overdue unpaid principal that day is charged on; since a day is charged as it ends, the
-    billing service should use the principal still unpaid at that moment (so a repayment during a
-    day lowers that day's charge)."""
-    return sum(daily_penalty(unpaid_principal_on(day), rules) for day in days)
 
 
 def is_overdue(due_on: date, outstanding: int, now: datetime, rules: BillingRules) -> bool:

@@ -2,51 +2,11 @@
 and the billing timer. Everything runs inside the caller's transaction and writes its events
 with the outbox.
 
-How it fits together
-- Every write for a user first locks the user's `accounts` row and brings the user up to date as
-  of the clock (`catch_up`: issue the statements whose issue moment has passed, charge the overdue
-  days that have ended), then applies its change, then `settle`s (overdue / settled events, the
-  next timer moment). The timer loop does the same for users whose `next_check_at` has come, so a
-  user's state never depends on how late the timer runs: a repayment arriving before the timer
-  has charged yesterday charges yesterday first, on the principal unpaid at its end.
-- Exactly once: the account row lock serializes one user's changes across handlers, API calls,
-  the timer and several billing processes (the timer takes it with SKIP LOCKED); statements are
-  unique per (user, period) and issued by moving the `next_period` cursor in the same
-  transaction; a charged overdue day is a `penalty_charges` row unique per (item, day) and moves
-  the item's `penalty_through` cursor; ledger transfer ids are deterministic.
-
-Semantics chosen where the contract leaves room
-- Statements: the cycle of `committed_at` carries a purchase (installments 1). On the statement
-  day the statement of the previous cycle is issued if it bills anything: purchases of the cycle
-  (less refunds; paid ahead still counts, and shows as paid) or installment periods due on its due
-  day. A cycle that bills nothing (no purchases, all refunded before the statement day, emptied
-  installment periods) issues no statement and is not listed. A purchase that reaches billing after
-  its cycle's statement was issued is added to that statement; it is never charged for overdue
-  days that had ended before it arrived.
-- Installment fees accrue (become owed and are booked as revenue: fees_receivable:<user> ->
-  revenue:installment_fee) when the statement that bills the period is issued -- which is what
-  domain.fee_accrued computes -- or at once for a period whose statement is already issued (period 1
-  of a converted statement). A fee is payable only once accrued: paying an installment period
-  ahead pays its principal, so a refund only ever waives fees nobody has paid and no ledger entry
-  is reversed.
-- Repayments: everything owed, by due date (on one due date the statement's own purchases first,
-  then installment periods, oldest plan first); within an item penalty, fee, principal. After
-  everything due, the rest pays ahead: the open cycle's purchases and installment principal not
-  billed yet, in due-date order; what is left is the overpayment.
-- RepaymentApplied.on_time: nothing the repayment paid was past its due day when it was applied
-  (so it paid no penalty either); paying ahead is on time. A repayment that paid nothing (all
-  overpayment) emits no RepaymentApplied: there was nothing to repay.
-- Overdue: an item is overdue from 00:00 after its due day while anything on it (principal, fee or
-  penalty) is unpaid. AccountOverdue is sent when the user first has an overdue item and again
-  whenever days_overdue (domain.days_overdue of the oldest overdue item, counting the running day)
-  grows -- at most once per day; AccountSettled when nothing is overdue any more (after a repayment,
-  or a refund that clears it).
-- Penalties (docs/contract.md §5): each ended overdue day, round_half_up(0.05 % x the item's unpaid
-  principal at the end of that day), booked fees_receivable:<user> -> revenue:penalty.
-
-Ledger (billing's schema): `fees_receivable:<user>` (fees and penalties owed by the user,
-debit-normal), `revenue:installment_fee`, `revenue:penalty` (credit-normal), and `gateway` (fee and
-penalty money received through the gateway, debit-normal). Principal is the credit service's loan.
+Every write for a user locks the user's `accounts` row, brings the user up to date as of the
+clock (`catch_up`: issue the statements due, charge the ended overdue days), applies its change,
+then `settle`s (overdue / settled events, the next timer moment); the timer loop does the same
+for users whose `next_check_at` has come. The rules are in domain.py; the semantics chosen where
+the contract leaves room, and why this is exactly once, are in docs/design.md ("Billing").
 """
 from __future__ import annotations
 
@@ -56,26 +16,20 @@ import asyncpg
 import structlog
 
 from services.billing import domain, store
-from services.billing.domain import InstallmentPeriod, Owed, Period, PlanPeriod
+from services.billing.domain import (GATEWAY, REVENUE_INSTALLMENT_FEE, REVENUE_PENALTY, InstallmentPeriod, Owed, Period,
+                                     PlanPeriod, fees_receivable)
 from shared import events, ledger, outbox, timers, topics
 from shared.consumer import TRANSIENT
 from shared.errors import ApiError
 from shared.events import (AccountOverdue, AccountSettled, AllocationLine, ApplyRepayment, DrawdownCommitted,
                            DrawdownRefunded, Envelope, OverpaymentRefunded, RepaymentAllocated, RepaymentApplied,
-                           Strict)
+                           Strict, UserRegistered)
 from shared.runtime import Context
 
 SOURCE = "billing"
 TIMER_BATCH = 50
-GATEWAY = "gateway"
-REVENUE_FEE = "revenue:installment_fee"
-REVENUE_PENALTY = "revenue:penalty"
 
 log = structlog.get_logger("billing")
-
-
-def fees_receivable(user_id: str) -> str:
-    return f"fees_receivable:{user_id}"
 
 
 def _rules(ctx: Context) -> domain.BillingRules:
@@ -98,7 +52,7 @@ async def _accrue_fee(conn: asyncpg.Connection, item: dict, at: datetime) -> Non
     if item["kind"] != "installment" or item["fee_accrued"]:
         return
     if item["fee"] > 0:
-        await ledger.transfer(conn, f"fee:{item['item_id']}", fees_receivable(item["user_id"]), REVENUE_FEE,
+        await ledger.transfer(conn, f"fee:{item['item_id']}", fees_receivable(item["user_id"]), REVENUE_INSTALLMENT_FEE,
                               item["fee"], code="installment_fee", now=at)
     await store.mark_fee_accrued(conn, item["item_id"])
 
@@ -115,7 +69,7 @@ async def _issue(ctx: Context, conn: asyncpg.Connection, user_id: str, period: P
     issue_at = domain.statement_issue_at(period, rules)
     for item in items:
         await _accrue_fee(conn, item, issue_at)
-    if not _bills_anything(items):
+    if not domain.bills_anything(items):
         return False
     sid = domain.statement_id(user_id, period)
     issued = await store.insert_statement(conn, sid, user_id, str(period), domain.statement_issue_date(period, rules),
@@ -123,10 +77,6 @@ async def _issue(ctx: Context, conn: asyncpg.Connection, user_id: str, period: P
     if issued:
         log.info("statement issued", user_id=user_id, statement_id=sid, period=str(period))
     return issued
-
-
-def _bills_anything(items: list[dict]) -> bool:
-    return any(i["principal"] + i["fee"] + i["penalty"] > 0 for i in items)
 
 
 async def _charge_penalties(ctx: Context, conn: asyncpg.Connection, user_id: str, now: datetime) -> None:
@@ -157,12 +107,11 @@ async def _charge_penalties(ctx: Context, conn: asyncpg.Connection, user_id: str
 async def catch_up(ctx: Context, conn: asyncpg.Connection, account: dict, now: datetime) -> dict:
     """Issue the statements whose moment has come and charge the ended overdue days. The caller
     holds the account lock and calls `settle` afterwards (which saves the account)."""
-    rules = _rules(ctx)
-    period = Period.parse(account["next_period"])
-    while domain.statement_issue_at(period, rules) <= now:
+    due = domain.periods_to_issue(Period.parse(account["next_period"]).prev(), now, _rules(ctx))
+    for period in due:
         await _issue(ctx, conn, account["user_id"], period, now)
-        period = period.next()
-    account = {**account, "next_period": str(period)}
+    if due:
+        account = {**account, "next_period": str(due[-1].next())}
     await _charge_penalties(ctx, conn, account["user_id"], now)
     return account
 
@@ -235,6 +184,12 @@ async def _create_plan(ctx: Context, conn: asyncpg.Connection, account: dict, pl
                                             p.principal, p.fee, billed, _late_penalty_through(p.due_on, now, rules))
         if billed:
             await _accrue_fee(conn, await store.get_item(conn, item_id), now)
+
+
+# ---------------------------------------------------------------- users.events
+async def user_registered(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: UserRegistered) -> None:
+    """Billing keeps only the id: statements of a user it does not know are 404 USER_NOT_FOUND."""
+    await store.insert_user(conn, e.user_id, e.registered_at)
 
 
 # ---------------------------------------------------------------- credit.events

@@ -11,6 +11,19 @@ Conn = asyncpg.Connection | asyncpg.Pool
 OUTSTANDING = "(principal - principal_paid) + (fee - fee_paid) + (penalty - penalty_paid)"
 
 
+# ---------------------------------------------------------------- users (UserRegistered)
+async def insert_user(conn: asyncpg.Connection, user_id: str, registered_at: datetime) -> None:
+    await conn.execute("INSERT INTO users (user_id, registered_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                       user_id, registered_at)
+
+
+async def known_user(conn: Conn, user_id: str) -> str | None:
+    """The user id when billing knows the user (registered, or with an account), else None."""
+    return await conn.fetchval(
+        """SELECT user_id FROM users WHERE user_id = $1
+           UNION ALL SELECT user_id FROM accounts WHERE user_id = $1 LIMIT 1""", user_id)
+
+
 # ---------------------------------------------------------------- accounts
 async def ensure_account(conn: asyncpg.Connection, user_id: str, next_period: str, next_check_at: datetime,
                          now: datetime) -> None:

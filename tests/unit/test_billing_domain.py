@@ -20,7 +20,7 @@ from services.billing.domain import (INSTALLMENT_PERIODS, BillingRules, Installm
                                      apply_refund_to_statement, business_date, charged_overdue_days,
                                      conversion_refusal, cycle_of, daily_penalty, fee_accrued,
                                      first_due_for_purchase, installment_fee, installment_plan, is_overdue,
-                                     next_penalty_at, overdue_day_charged_at, penalty_for_days, periods_to_issue,
+                                     next_check_at, overdue_day_charged_at, periods_to_issue, bills_anything,
                                      statement_due_date, statement_issue_at, statement_issue_date, statement_status)
 
 RULES = BillingRules()
@@ -293,7 +293,7 @@ def test_contract_example_seventeen_days():
     assert len(charged_overdue_days(due, datetime(2026, 12, 27, 16, 0, 1, tzinfo=UTC), RULES)) == 17
     assert len(charged_overdue_days(due, datetime(2026, 12, 27, 15, 59, 59, tzinfo=UTC), RULES)) == 16
     # 100 000 fen unpaid for those 17 days: 50 fen a day.
-    assert penalty_for_days(days, lambda day: 100_000, RULES) == 17 * 50
+    assert sum(daily_penalty(100_000, RULES) for _ in days) == 17 * 50
     # Already charged through the 20th: only the 21st ... 27th are new.
     assert charged_overdue_days(due, now, RULES, after=date(2026, 12, 20)) == [
         date(2026, 12, 21) + timedelta(days=i) for i in range(7)]
@@ -310,8 +310,14 @@ def test_overdue_boundaries_and_timers():
     assert charged_overdue_days(due, datetime(2026, 12, 12, tzinfo=CST) - timedelta(microseconds=1), RULES) == []
     assert charged_overdue_days(due, datetime(2026, 12, 12, tzinfo=CST), RULES) == [date(2026, 12, 11)]
     assert overdue_day_charged_at(date(2026, 12, 11), RULES) == datetime(2026, 12, 12, tzinfo=CST)
-    assert next_penalty_at(due, datetime(2026, 12, 1, tzinfo=CST), RULES) == datetime(2026, 12, 12, tzinfo=CST)
-    assert next_penalty_at(due, datetime(2026, 12, 27, 9, tzinfo=CST), RULES) == datetime(2026, 12, 28, tzinfo=CST)
+    # The billing timer wakes when the item becomes overdue, then as each overdue day ends.
+    later = Period(2027, 6)  # no statement to issue before then
+    assert next_check_at(later, due, datetime(2026, 12, 1, tzinfo=CST), RULES) == datetime(2026, 12, 11, tzinfo=CST)
+    assert next_check_at(later, due, datetime(2026, 12, 27, 9, tzinfo=CST), RULES) == datetime(2026, 12, 28, tzinfo=CST)
+    assert next_check_at(Period(2026, 12), due, datetime(2026, 12, 27, 9, tzinfo=CST), RULES) == datetime(
+        2026, 12, 28, tzinfo=CST)
+    assert next_check_at(Period(2026, 11), None, datetime(2026, 11, 20, tzinfo=CST), RULES) == datetime(
+        2026, 12, 1, tzinfo=CST)
 
 
 @pytest.mark.parametrize("principal, penalty", [
@@ -336,8 +342,11 @@ def test_charged_days_match_a_day_by_day_walk(due_on, now):
     days = charged_overdue_days(due_on, now, RULES)
     assert days == ref_charged_days(due_on, now)
     assert len(days) == max(0, (ref_business_date(now) - due_on).days - 1)
-    assert next_penalty_at(due_on, now, RULES) > now
-    assert len(charged_overdue_days(due_on, next_penalty_at(due_on, now, RULES), RULES)) == len(days) + 1
+    # The timer's next moment for an overdue item charges exactly one more day.
+    wake = next_check_at(Period(2999, 1), due_on, now, RULES)  # no statement to issue
+    assert wake > now
+    if ref_business_date(now) > due_on:
+        assert len(charged_overdue_days(due_on, wake, RULES)) == len(days) + 1
 
 
 @given(due_days, moments)
@@ -347,15 +356,6 @@ def test_charging_in_steps_charges_each_day_once(due_on, now):
     assert already + new == charged_overdue_days(due_on, now, RULES)
 
 
-@given(due_days, st.lists(st.integers(0, 10**9), min_size=1, max_size=60))
-def test_penalty_follows_the_principal_day_by_day(due_on, principals):
-    # Principal changing with repayments: one rounding per day, never one over the whole sum.
-    days = [due_on + timedelta(days=1 + i) for i in range(len(principals))]
-    unpaid = dict(zip(days, principals))
-    expected = sum(ref_round_half_up(p * REF_PENALTY_RATE) for p in principals)
-    assert penalty_for_days(days, unpaid.__getitem__, RULES) == expected
-
-
 @given(due_days, st.integers(1, 10**9), moments)
 def test_interest_free_when_paid_by_the_due_day(due_on, principal, now):
     # Paid in full by 24:00 of the due day: no day is ever charged with principal on it, and the
@@ -363,7 +363,7 @@ def test_interest_free_when_paid_by_the_due_day(due_on, principal, now):
     paid_at = datetime(due_on.year, due_on.month, due_on.day, tzinfo=CST) + timedelta(days=1) - timedelta(seconds=1)
     assert charged_overdue_days(due_on, paid_at, RULES) == []
     unpaid = lambda day: principal if datetime(day.year, day.month, day.day, tzinfo=CST) <= paid_at else 0  # noqa: E731
-    assert penalty_for_days(charged_overdue_days(due_on, now, RULES), unpaid, RULES) == 0
+    assert sum(daily_penalty(unpaid(day), RULES) for day in charged_overdue_days(due_on, now, RULES)) == 0
     assert not is_overdue(due_on, 0, now, RULES)
     assert is_overdue(due_on, principal, now, RULES) == (ref_business_date(now) > due_on)
 
@@ -563,3 +563,11 @@ def test_converted_statement_plan_starts_on_its_own_due_day():
     assert fee_accrued(plan[0].due_on, datetime(2026, 12, 1, tzinfo=CST), RULES)      # issued: billed
     assert not fee_accrued(plan[1].due_on, datetime(2026, 12, 31, 23, tzinfo=CST), RULES)
     assert fee_accrued(plan[1].due_on, datetime(2027, 1, 1, tzinfo=CST), RULES)
+
+
+def test_a_cycle_bills_anything_when_it_carries_principal_fee_or_penalty():
+    zero = {"principal": 0, "fee": 0, "penalty": 0}
+    assert not bills_anything([])
+    assert not bills_anything([zero, zero])
+    for key in zero:
+        assert bills_anything([zero, {**zero, key: 1}])
