@@ -247,16 +247,6 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
     return {r["pending_id"] for r in done}
 
 
-async def pending_state(conn: asyncpg.Connection, pending_id: str) -> str | None:
-    """'pending', 'posted', 'voided', or None when there is no such pending transfer."""
-    row = await conn.fetchrow(
-        """SELECT p.id, r.kind FROM ledger_transfers p LEFT JOIN ledger_transfers r ON r.pending_id = p.id
-           WHERE p.id = $1 AND p.kind = 'pending'""", pending_id)
-    if row is None:
-        return None
-    return {None: "pending", "post_pending": "posted", "void_pending": "voided"}[row["kind"]]
-
-
 async def account(conn: asyncpg.Connection | asyncpg.Pool, account_id: str) -> Account:
     table = "ledger_accounts" if _keeps_totals(account_id) else "ledger_balances"
     row = await conn.fetchrow(

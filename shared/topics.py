@@ -1,7 +1,7 @@
-"""Kafka topic names. The first three are public (docs/contract.md §2); the rest are internal."""
+"""Kafka topic names. `orders.events`, `payments.events` and `dlq(ORDERS)` are public
+(docs/contract.md §2); the rest are internal."""
 ORDERS = "orders.events"
 PAYMENTS = "payments.events"
-ORDERS_DLQ = "orders.events.dlq"
 USERS = "users.events"  # gateway -> credit (and others): UserRegistered
 ESCROW_COMMANDS = "escrow.commands"
 ESCROW_EVENTS = "escrow.events"

@@ -23,6 +23,11 @@ async def conn(infra):
     await pool.close()
 
 
+async def resolution(conn, pending_id: str) -> str | None:
+    """How a pending transfer was resolved (post_pending / void_pending), None while pending."""
+    return await conn.fetchval("SELECT kind FROM ledger_transfers WHERE pending_id = $1", pending_id)
+
+
 async def test_transfers_balance_and_wallets_never_go_negative(conn):
     async with conn.transaction():
         assert await ledger.transfer(conn, "t1", "bank", "wallet:a", 1_000, code="topup", now=NOW)
@@ -44,15 +49,16 @@ async def test_pending_transfer_reserves_then_posts_or_voids(conn):
     assert (a.balance, a.available) == (1_000, 300)
     with pytest.raises(InsufficientFunds):  # the reservation counts
         await ledger.transfer(conn, "hold-2", "wallet:a", "escrow", 301, code="payment", now=NOW, pending=True)
-    assert await ledger.pending_state(conn, "hold-1") == "pending"
+    assert await resolution(conn, "hold-1") is None  # still pending
     assert await ledger.post_pending(conn, "post-1", "hold-1", NOW)
     assert not await ledger.void_pending(conn, "void-1", "hold-1", NOW)  # resolved once only
+    assert await resolution(conn, "hold-1") == "post_pending"
     a = await ledger.account(conn, "wallet:a")
     assert (a.balance, a.available) == (300, 300)
     assert (await ledger.account(conn, "escrow")).balance == 700
     await ledger.transfer(conn, "hold-3", "wallet:a", "escrow", 300, code="payment", now=NOW, pending=True)
     assert await ledger.void_pending(conn, "void-3", "hold-3", NOW)
-    assert await ledger.pending_state(conn, "hold-3") == "voided"
+    assert await resolution(conn, "hold-3") == "void_pending"
     assert (await ledger.account(conn, "wallet:a")).available == 300
     assert await ledger.check(conn) == []
 

@@ -78,7 +78,7 @@ def test_contract_lists_every_event_type_and_topic():
     assert not missing, f"docs/contract.md does not list these event types: {missing}"
     for t in types:
         assert (ROOT / "docs" / "schemas" / f"{t}.json").exists(), t
-    missing_topics = sorted(t for t in topics.ALL + [topics.ORDERS_DLQ] if f"`{t}`" not in contract)
+    missing_topics = sorted(t for t in topics.ALL + [topics.dlq(topics.ORDERS)] if f"`{t}`" not in contract)
     assert not missing_topics, f"docs/contract.md does not list these topics: {missing_topics}"
 
 
