@@ -125,6 +125,12 @@ def client_options(security: Security | None = None) -> dict[str, Any]:
     return (security or Security.from_env()).client_options()
 
 
+def client_kwargs(bootstrap: str | None = None, security: Security | None = None) -> dict[str, Any]:
+    """client_options plus bootstrap_servers (default KAFKA_BOOTSTRAP_SERVERS), for tools."""
+    return {"bootstrap_servers": bootstrap or env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            **client_options(security)}
+
+
 def make_producer(bootstrap: str, security: Security | None = None) -> AIOKafkaProducer:
     # Idempotent + acks=all: a retried send is written once, and per-partition order holds.
     # No linger: the relay hands over whole batches anyway, and while one produce request is in

@@ -5,10 +5,11 @@ import asyncio
 import sys
 
 from shared.kafka import KafkaAccessError, Security, ping
-from shared.settings import SettingsError
+from shared.settings import SettingsError, env
 
 try:
-    asyncio.run(ping(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:9092", security=Security.from_env()))
+    bootstrap = sys.argv[1] if len(sys.argv) > 1 else env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    asyncio.run(ping(bootstrap, security=Security.from_env()))
 except (SettingsError, KafkaAccessError) as exc:
     print(f"kafka: {exc}", file=sys.stderr)
     sys.exit(2)

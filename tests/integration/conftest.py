@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from deploy.audit import audit_settled
 from shared import settings as settings_mod
+from shared.kafka import client_options
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / ".data" / "logs"
@@ -161,7 +162,7 @@ class Kafka:
 
     def __init__(self, bootstrap: str):
         self.bootstrap = bootstrap
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **client_options())
 
     async def send(self, topic: str, value: bytes | dict, key: str | None = None):
         raw = value if isinstance(value, bytes) else json.dumps(value).encode()
@@ -169,7 +170,7 @@ class Kafka:
 
     async def end_offsets(self, topic: str) -> dict[TopicPartition, int]:
         tps = [TopicPartition(topic, p) for p in await self.producer.partitions_for(topic)]
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options())
         await consumer.start()
         try:
             return await consumer.end_offsets(tps)
@@ -179,7 +180,7 @@ class Kafka:
     async def read(self, topic: str, since: dict[TopicPartition, int], until: Callable[[list], bool],
                    timeout: float = 30) -> list:
         """Records written after `since` until `until(records)` holds (or the timeout)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, **client_options())
         await consumer.start()
         records: list = []
         try:
@@ -235,7 +236,7 @@ class Outcomes:
         self._changed = asyncio.Event()
 
     async def start(self, since: dict[TopicPartition, int]) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, **client_options())
         await consumer.start()
         consumer.assign(list(since))
         for tp, offset in since.items():

@@ -246,7 +246,9 @@ async def test_state_lives_in_compacted_changelog_topics(engine, infra):
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka)
+    from shared.kafka import client_options
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka, **client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
