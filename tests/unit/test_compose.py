@@ -27,6 +27,7 @@ REQUIRED_ENV = [
     "DATABASE_URL",
     "DANBAO_API_TOKEN",
     "DANBAO_JWT_SECRET",
+    "DANBAO_PII_KEY",
     "DANBAO_CLOCK",
     "HTTP_HOST",
     "GATEWAY_URL",
@@ -122,7 +123,7 @@ def test_every_setting_is_set(services, name):
     assert (db.scheme, db.username, db.password, db.hostname, db.port, db.path) == (
         "postgresql", "danbao", "s3cret", "postgres", 5432, "/danbao")
     # The secrets have no default: compose must refuse to start without them (docs/contract.md §7).
-    for secret in ("DANBAO_API_TOKEN", "DANBAO_JWT_SECRET"):
+    for secret in ("DANBAO_API_TOKEN", "DANBAO_JWT_SECRET", "DANBAO_PII_KEY"):
         with pytest.raises(KeyError):
             interpolate(env[secret])
         assert interpolate(env[secret], {secret: "x"}) == "x"
@@ -189,14 +190,24 @@ def test_postgres(services):
     assert "pg_isready" in _healthcheck_text(pg)
 
 
-def test_sasl_tls_is_documented_but_commented_out(compose):
-    text = COMPOSE.read_text()
-    assert re.search(r"^\s*#\s*KAFKA_SECURITY_PROTOCOL:", text, re.M)
-    assert re.search(r"^\s*#\s*KAFKA_SASL_MECHANISM:", text, re.M)
-    assert "not yet read by the services" in text.lower()
-    for name in APP_SERVICES:  # comments only: nothing the services would half-apply
-        env = as_env_dict(compose["services"][name]["environment"])
-        assert not [k for k in env if k.startswith(("KAFKA_SECURITY", "KAFKA_SASL", "KAFKA_SSL"))]
+KAFKA_CLIENT_ENV = ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                    "KAFKA_SSL_CAFILE")
+
+
+@pytest.mark.parametrize("name", APP_SERVICES + ["risk"])
+def test_kafka_client_security_is_passed_through(services, name):
+    """The Kafka security settings reach every service and the risk engine as given; nothing
+    given is PLAINTEXT, which the services accept (shared/kafka.py)."""
+    from shared.kafka import Security
+
+    env = as_env_dict(services[name]["environment"])
+    given = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+             "KAFKA_SASL_USERNAME": "danbao", "KAFKA_SASL_PASSWORD": "pw", "KAFKA_SSL_CAFILE": "/run/secrets/ca.pem"}
+    assert {k: interpolate(env[k], given) for k in KAFKA_CLIENT_ENV} == given
+    default = [interpolate(env[k]) or None for k in KAFKA_CLIENT_ENV]
+    assert default == ["PLAINTEXT", None, None, None, None]
+    assert Security.create(*default) == Security()
+    assert "not yet read" not in COMPOSE.read_text().lower()
 
 
 def test_dockerfile():
