@@ -300,7 +300,7 @@ def create_app(tokens: tuple[str, ...] | None = None) -> FastAPI:
         except dlq.ReplayError as exc:
             status = {"ALREADY_REPLAYED": 409, "NOT_FOUND": 404, "INVALID_POSITION": 404}.get(exc.code, 422)
             return await letter_page(caller, position, status=status, value=edited, error=exc)
-        return await letter_page(caller, position, result=result)
+        return await letter_page(caller, position, result=result, value=edited)  # what was sent stays in view
 
     return app
 
