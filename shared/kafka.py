@@ -26,9 +26,11 @@ class KafkaAccessError(RuntimeError):
     """The broker refused this client (credentials, SASL mechanism, TLS): retrying will not help."""
 
 
-# What a broker answers when it refuses the client, as opposed to not being there (yet).
+# What a broker answers when it refuses the client, as opposed to not being there (yet): a
+# login refused, or TLS failing (certificate, protocol) other than by the connection dropping.
 _REFUSED = (AuthenticationFailedError, SaslAuthenticationFailed, UnsupportedSaslMechanismError, IllegalSaslStateError,
             AuthenticationMethodNotSupported, ssl.SSLError)
+_DROPPED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,9 @@ async def check_access(bootstrap: str, security: Security | None = None, timeout
             conn = await asyncio.wait_for(
                 create_conn(host, port, request_timeout_ms=int(timeout * 1000), **security.client_options()), timeout)
         except _REFUSED as exc:
+            if isinstance(exc, _DROPPED):
+                errors.append(f"{host}:{port}: {exc!r}")
+                continue
             raise KafkaAccessError(f"cannot connect to Kafka at {host}:{port} with {security.describe()}: {exc}") from None
         except (OSError, KafkaError, asyncio.TimeoutError) as exc:
             errors.append(f"{host}:{port}: {exc!r}")
