@@ -1,10 +1,20 @@
-"""Settings from the environment (docs/contract.md §1 and §5). Nothing secret has a default."""
+"""Settings from the environment (docs/contract.md §1 and §5). Nothing secret has a default.
+
+Every setting is read with one of the typed helpers below (`env`, `env_int`,
+`env_non_negative_int`, `env_percent`, `env_bool`, `env_choice`, `env_zone`): unset or blank
+means the default, and a bad value is one SettingsError naming the variable, so a service stops
+at start-up with a one-line error rather than at the first request that needs it."""
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Mapping, Sequence
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from shared.money import percent
 
 DEFAULT_URLS = {
     "gateway": "http://127.0.0.1:8001",
@@ -14,14 +24,89 @@ DEFAULT_URLS = {
 }
 
 
-class SettingsError(RuntimeError):
-    pass
+class SettingsError(ValueError):
+    """A bad setting; the message names the variable (never echoes a secret)."""
 
 
-def env(name: str, default: str) -> str:
-    """A setting from the environment; unset or blank gives the default."""
-    value = os.environ.get(name, "").strip()
-    return value or default
+Environ = Mapping[str, str]
+
+
+def _raw(name: str, environ: Environ | None) -> str | None:
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    return value or None
+
+
+def env(name: str, default: str, *, environ: Environ | None = None) -> str:
+    """A text setting from the environment; unset or blank gives the default."""
+    return _raw(name, environ) or default
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None,
+            environ: Environ | None = None) -> int:
+    """A whole number, within [minimum, maximum] when given."""
+    raw = _raw(name, environ)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[+-]?[0-9]+", raw):
+        raise SettingsError(f"{name} must be a whole number, not {raw!r}")
+    value = int(raw)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f"between {minimum} and {maximum}" if minimum is not None and maximum is not None else (
+            f"at least {minimum}" if minimum is not None else f"at most {maximum}")
+        raise SettingsError(f"{name} must be {bounds}, not {value}")
+    return value
+
+
+def env_non_negative_int(name: str, default: int, *, environ: Environ | None = None) -> int:
+    return env_int(name, default, minimum=0, environ=environ)
+
+
+def env_percent(name: str, default: Decimal, *, environ: Environ | None = None) -> Decimal:
+    """A percent string ("0.60" = 0.60 %) as a Decimal fraction (0.0060), from 0 to 100 %."""
+    raw = _raw(name, environ)
+    if raw is None:
+        return default
+    try:
+        rate = percent(raw)
+    except InvalidOperation:
+        rate = None
+    if rate is None or not rate.is_finite() or not 0 <= rate <= 1:
+        raise SettingsError(f"{name} must be a percent between 0 and 100, not {raw!r}")
+    return rate
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def env_bool(name: str, default: bool, *, environ: Environ | None = None) -> bool:
+    """true/1/yes/on or false/0/no/off, in any case."""
+    raw = _raw(name, environ)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def env_choice(name: str, default: str, choices: Sequence[str], *, environ: Environ | None = None) -> str:
+    raw = _raw(name, environ)
+    if raw is None:
+        return default
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
+
+
+def env_zone(name: str, default: str, *, environ: Environ | None = None) -> str:
+    """An IANA time zone name (e.g. Asia/Shanghai)."""
+    raw = _raw(name, environ) or default
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SettingsError(f"{name} must be an IANA time zone, not {raw!r}") from None
+    return raw
 
 
 def secret_list(name: str) -> tuple[str, ...]:
@@ -58,7 +143,11 @@ class Settings:
     jwt_keys: dict[str, str] = field(repr=False)
     http_host: str
     topic_partitions: int
-    business_tz: str
+    business_tz: str  # BUSINESS_TZ, read here only; `zone` for the ZoneInfo
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.business_tz)
 
     @property
     def schema(self) -> str:
@@ -70,9 +159,7 @@ class Settings:
 
 
 def load(service: str, *, require_secrets: bool = True) -> Settings:
-    clock_mode = env("DANBAO_CLOCK", "system")
-    if clock_mode not in ("system", "controllable"):
-        raise SettingsError(f"DANBAO_CLOCK must be 'system' or 'controllable', not {clock_mode!r}")
+    clock_mode = env_choice("DANBAO_CLOCK", "system", ("system", "controllable"))
     api_tokens = secret_list("DANBAO_API_TOKEN")
     jwt_secrets = secret_list("DANBAO_JWT_SECRET")
     jwt_keys = named_keys("DANBAO_JWT_KEYS")
@@ -91,6 +178,6 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
         jwt_secrets=jwt_secrets,
         jwt_keys=jwt_keys,
         http_host=env("HTTP_HOST", "127.0.0.1"),
-        topic_partitions=int(env("KAFKA_TOPIC_PARTITIONS", "4")),
-        business_tz=env("BUSINESS_TZ", "Asia/Shanghai"),
+        topic_partitions=env_int("KAFKA_TOPIC_PARTITIONS", 4, minimum=1),
+        business_tz=env_zone("BUSINESS_TZ", "Asia/Shanghai"),
     )
