@@ -235,6 +235,9 @@ def render_table(results: list[FaultResult]) -> str:
 
 
 # ---------------------------------------------------------------- the platform's processes
+PLATFORMS: list["Platform"] = []  # whatever happens, nothing is left stopped and no twin is left running
+
+
 class Platform:
     """Kills, hangs and restarts the parts started by `./danbao up`, through their pid files and
     the danbao script; second instances of the services as child processes of this one."""
@@ -245,6 +248,7 @@ class Platform:
         self.stopped: list[int] = []             # pids under SIGSTOP, continued in cleanup
         self.twins: dict[str, subprocess.Popen] = {}
         self.env = {k: v for k, v in os.environ.items() if k != "CHAOS_SERVICES_DATABASE_URL"}
+        PLATFORMS.append(self)
 
     def log(self, line: str) -> None:
         with open(self.log_path, "a") as f:
@@ -328,6 +332,12 @@ class Platform:
                 if waiting and time.monotonic() > deadline:
                     raise RuntimeError(f"second instances not healthy within {timeout:.0f} s: {sorted(waiting)}")
                 await asyncio.sleep(0.5)
+
+    def kill_twins(self) -> None:
+        for p in self.twins.values():
+            if p.poll() is None:
+                p.kill()
+        self.twins.clear()
 
     async def stop_twins(self) -> None:
         for p in self.twins.values():
@@ -753,7 +763,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> int:
-    return asyncio.run(run(parse_args()))
+    args = parse_args()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return asyncio.run(run(args))
+    finally:
+        for platform in PLATFORMS:
+            platform.cont()
+            platform.kill_twins()
 
 
 if __name__ == "__main__":
