@@ -33,4 +33,4 @@ def subscriptions(ctx: Context) -> list[Subscription]:
 # BillingRules.from_env raises on a bad setting: the service stops at start-up, not at the first bill.
 SPEC = ServiceSpec(name="billing", migrations=Path(__file__).parent / "migrations", routers=[api.router],
                    subscriptions=subscriptions, loops=[handlers.timer_loop],
-                   deps=lambda settings: Deps(rules=BillingRules.from_env()))
+                   deps=lambda settings: Deps(rules=BillingRules.from_env(business_tz=settings.zone)))

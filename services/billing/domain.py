@@ -17,16 +17,16 @@ with shared.money.apply_rate (round_half_up to whole fen), once per computed ite
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import Enum
 from types import MappingProxyType
 from typing import Iterable, Mapping, Sequence
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from shared.money import apply_rate, percent
+from shared.settings import SettingsError, env_int, env_percent
 
 # Installment plans the contract offers; the fee rates are settings, the choice of plans is not.
 INSTALLMENT_PERIODS = (3, 6, 9, 12)
@@ -79,61 +79,25 @@ class BillingRules:
         return self.installment_fee_rates[periods]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "BillingRules":
-        """Settings (missing or blank keeps the default):
-        BUSINESS_TZ (Asia/Shanghai), STATEMENT_DAY (1), DUE_DAY (10),
-        OVERDUE_PENALTY_DAILY_PCT (0.05), INSTALLMENT_FEE_{3,6,9,12}_PCT (2.3, 4.5, 6.5, 8.8).
-        Percentages are percent strings ("0.05" = 0.05 %). A bad value raises ValueError naming
-        the variable, so the service stops at start-up rather than at the first bill."""
-        def text(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        def pct(name: str) -> Decimal | None:
-            value = text(name)
-            if value is None:
-                return None
-            try:
-                rate = percent(value)
-            except InvalidOperation:
-                rate = None
-            if rate is None or not rate.is_finite() or not 0 <= rate <= 1:
-                raise ValueError(f"{name} must be a percent between 0 and 100, not {value!r}")
-            return rate
-
-        def day(name: str) -> int | None:
-            value = text(name)
-            if value is None:
-                return None
-            if not value.isdigit() or not 1 <= int(value) <= _MAX_DAY:
-                raise ValueError(f"{name} must be a day of the month between 1 and {_MAX_DAY}, not {value!r}")
-            return int(value)
-
+    def from_env(cls, env: Mapping[str, str] | None = None, *,
+                 business_tz: ZoneInfo = ZoneInfo("Asia/Shanghai")) -> "BillingRules":
+        """Settings (unset or blank keeps the default): STATEMENT_DAY (1), DUE_DAY (10),
+        OVERDUE_PENALTY_DAILY_PCT (0.05), INSTALLMENT_FEE_{3,6,9,12}_PCT (2.3, 4.5, 6.5, 8.8),
+        percent strings ("0.05" = 0.05 %). The business time zone is the service's
+        BUSINESS_TZ (shared.settings, read once there). A bad value raises SettingsError (a
+        ValueError) naming the variable, so the service stops at start-up rather than at the
+        first bill."""
         default = cls()
-        kwargs: dict = {}
-        tz_name = text("BUSINESS_TZ")
-        if tz_name is not None:
-            try:
-                kwargs["business_tz"] = ZoneInfo(tz_name)
-            except (ZoneInfoNotFoundError, ValueError) as exc:
-                raise ValueError(f"BUSINESS_TZ must be an IANA time zone, not {tz_name!r}") from exc
-        for name, key in (("STATEMENT_DAY", "statement_day"), ("DUE_DAY", "due_day")):
-            value = day(name)
-            if value is not None:
-                kwargs[key] = value
-        penalty = pct("OVERDUE_PENALTY_DAILY_PCT")
-        if penalty is not None:
-            kwargs["penalty_daily_rate"] = penalty
-        rates = dict(default.installment_fee_rates)
-        for periods in INSTALLMENT_PERIODS:
-            rate = pct(f"INSTALLMENT_FEE_{periods}_PCT")
-            if rate is not None:
-                rates[periods] = rate
-        kwargs["installment_fee_rates"] = rates
+        days = {key: env_int(name, getattr(default, key), minimum=1, maximum=_MAX_DAY, environ=env)
+                for name, key in (("STATEMENT_DAY", "statement_day"), ("DUE_DAY", "due_day"))}
         try:
-            return cls(**kwargs)
+            return cls(business_tz=business_tz, **days,
+                       penalty_daily_rate=env_percent("OVERDUE_PENALTY_DAILY_PCT", default.penalty_daily_rate,
+                                                      environ=env),
+                       installment_fee_rates={p: env_percent(f"INSTALLMENT_FEE_{p}_PCT", rate, environ=env)
+                                              for p, rate in default.installment_fee_rates.items()})
         except ValueError as exc:  # e.g. DUE_DAY before STATEMENT_DAY
-            raise ValueError(f"STATEMENT_DAY / DUE_DAY: {exc}") from exc
+            raise SettingsError(f"STATEMENT_DAY / DUE_DAY: {exc}") from exc
 
 
 # ---------------------------------------------------------------- dates and cycles

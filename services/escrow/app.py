@@ -10,15 +10,13 @@ from shared import topics
 from shared.consumer import Subscription
 from shared.runtime import Context, ServiceSpec
 
-# Read once, at start-up: a bad MERCHANT_FEE_*_PCT stops the service here, not at the first release.
-FEE_RATES = FeeRates.from_env()
 
 
 def subscriptions(ctx: Context) -> list[Subscription]:
     return [Subscription(topics.ESCROW_COMMANDS, {
         "HoldFunds": partial(handlers.hold_funds, ctx),
         "ShipOrder": partial(handlers.ship_order, ctx),
-        "ConfirmOrder": partial(handlers.confirm_order, ctx, rates=FEE_RATES),
+        "ConfirmOrder": partial(handlers.confirm_order, ctx, rates=ctx.deps),
         "CancelOrder": partial(handlers.cancel_order, ctx),
         "RefundOrder": partial(handlers.refund_order, ctx),
         "ClawbackSettled": partial(handlers.clawback_settled, ctx),
@@ -26,8 +24,10 @@ def subscriptions(ctx: Context) -> list[Subscription]:
 
 
 async def auto_confirm_loop(ctx: Context) -> None:
-    await handlers.auto_confirm_loop(ctx, FEE_RATES)
+    await handlers.auto_confirm_loop(ctx, ctx.deps)
 
 
+# The merchant fee rates (ctx.deps), read once at start-up: a bad MERCHANT_FEE_*_PCT stops the
+# service there with a one-line error, not at the first release.
 SPEC = ServiceSpec(name="escrow", migrations=Path(__file__).parent / "migrations", routers=[api.router],
-                   subscriptions=subscriptions, loops=[auto_confirm_loop])
+                   subscriptions=subscriptions, loops=[auto_confirm_loop], deps=lambda settings: FeeRates.from_env())

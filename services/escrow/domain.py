@@ -6,16 +6,16 @@ events to emit. handlers.py applies decisions; nothing here touches a database o
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import Enum
 from typing import Mapping
 
 from shared.events import (ClawbackRequested, EscrowRefunded, EscrowRefundRejected, EscrowReleased, FundsHeld,
                            HoldFunds, HoldRefused, RefundOrder, Strict)
 from shared.money import apply_rate, percent
+from shared.settings import env_percent
 
 
 class Status(str, Enum):
@@ -52,21 +52,12 @@ class FeeRates:
         return {"balance": self.balance, "bank_card": self.bank_card, "huabei": self.huabei}[method]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "FeeRates":
-        """Percent strings ("0.60") from MERCHANT_FEE_*_PCT; missing or empty keeps the default."""
-        rates = {}
-        for method, name in FEE_SETTINGS.items():
-            text = env.get(name, "").strip()
-            if not text:
-                continue
-            try:
-                rate = percent(text)
-            except InvalidOperation:
-                rate = None
-            if rate is None or not rate.is_finite() or not 0 <= rate <= 1:
-                raise ValueError(f"{name} must be a percent between 0 and 100, not {text!r}")
-            rates[method] = rate
-        return cls(**rates)
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "FeeRates":
+        """Percent strings ("0.60") from MERCHANT_FEE_*_PCT; unset or blank keeps the default; a
+        bad value is a SettingsError naming the variable."""
+        default = cls()
+        return cls(**{method: env_percent(name, getattr(default, method), environ=env)
+                      for method, name in FEE_SETTINGS.items()})
 
 
 # ---------------------------------------------------------------- state

@@ -21,7 +21,6 @@ another worker taking the partition over) rebuilds exactly that state.
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from shared import events, topics
 from shared.kafka import KafkaAccessError, Security
-from shared.settings import SettingsError, env
+from shared.settings import SettingsError, env, env_choice, env_int
 from shared.consumer import dead_letter_headers
 from shared.events import CardDeclined, DecodeError, PaymentAbandoned, RiskDecided
 from services.risk import domain
@@ -64,13 +63,13 @@ class EngineSettings:
     def from_env(cls) -> "EngineSettings":
         return cls(
             kafka_bootstrap_servers=env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-            partitions=int(env("KAFKA_TOPIC_PARTITIONS", "4")),
+            partitions=env_int("KAFKA_TOPIC_PARTITIONS", 4, minimum=1),
             app_id=env("RISK_APP_ID", "risk-engine"),
             web_host=env("RISK_WEB_HOST", env("HTTP_HOST", "127.0.0.1")),
-            web_port=int(env("RISK_WEB_PORT", "8005")),
-            log_level=env("RISK_LOG_LEVEL", "INFO").upper(),
+            web_port=env_int("RISK_WEB_PORT", 8005, minimum=1, maximum=65_535),
+            log_level=env_choice("RISK_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             data_dir=env("RISK_DATA_DIR", "/tmp/danbao-risk"),
-            instance_id=os.environ.get("RISK_INSTANCE_ID", "").strip() or None,
+            instance_id=env("RISK_INSTANCE_ID", "") or None,
             rules=domain.RiskSettings.from_env(),
             kafka_security=Security.from_env(),
         )
@@ -418,7 +417,7 @@ def main() -> None:
 
     try:
         settings = EngineSettings.from_env()
-    except (SettingsError, domain.RiskSettingsError) as exc:
+    except SettingsError as exc:
         raise SystemExit(f"danbao-risk: {exc}") from None
     logs.configure(SOURCE, settings.log_level)
     # faust/mode are chatty at INFO (every rebalance, every recovery step): warnings only.

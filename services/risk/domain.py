@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
+from shared.settings import SettingsError, env_int
+
 APPROVE, REVIEW, REJECT = "approve", "review", "reject"
 
 BUYER_VELOCITY = "buyer_velocity"
@@ -66,20 +68,17 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _DECISION_NS = uuid.UUID("6f1d3c52-2b7e-4a53-9a0c-5b1f0e6c9d21")
 
 
-class RiskSettingsError(ValueError):
-    pass
-
-
 # ---------------------------------------------------------------- settings
+# The setting of each field; the defaults are the dataclass's (docs/contract.md §5).
 _SETTINGS_ENV = {
-    "buyer_velocity_max": ("RISK_BUYER_VELOCITY_MAX", 20),
-    "buyer_velocity_window_seconds": ("RISK_BUYER_VELOCITY_WINDOW_SECONDS", 60),
-    "buyer_daily_amount_max_fen": ("RISK_BUYER_DAILY_AMOUNT_MAX_FEN", 5_000_000),
-    "buyer_daily_amount_window_seconds": ("RISK_BUYER_DAILY_AMOUNT_WINDOW_SECONDS", 86_400),
-    "card_decline_max": ("RISK_CARD_DECLINE_MAX", 5),
-    "card_decline_window_seconds": ("RISK_CARD_DECLINE_WINDOW_SECONDS", 3_600),
-    "new_buyer_seconds": ("RISK_NEW_BUYER_SECONDS", 86_400),
-    "new_buyer_amount_fen": ("RISK_NEW_BUYER_AMOUNT_FEN", 1_000_000),
+    "buyer_velocity_max": "RISK_BUYER_VELOCITY_MAX",
+    "buyer_velocity_window_seconds": "RISK_BUYER_VELOCITY_WINDOW_SECONDS",
+    "buyer_daily_amount_max_fen": "RISK_BUYER_DAILY_AMOUNT_MAX_FEN",
+    "buyer_daily_amount_window_seconds": "RISK_BUYER_DAILY_AMOUNT_WINDOW_SECONDS",
+    "card_decline_max": "RISK_CARD_DECLINE_MAX",
+    "card_decline_window_seconds": "RISK_CARD_DECLINE_WINDOW_SECONDS",
+    "new_buyer_seconds": "RISK_NEW_BUYER_SECONDS",
+    "new_buyer_amount_fen": "RISK_NEW_BUYER_AMOUNT_FEN",
 }
 
 
@@ -99,36 +98,28 @@ class RiskSettings:
         for name in _SETTINGS_ENV:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise RiskSettingsError(f"{_SETTINGS_ENV[name][0]} must be a whole number >= 0, not {value!r}")
+                raise SettingsError(f"{_SETTINGS_ENV[name]} must be a whole number >= 0, not {value!r}")
         for name in ("buyer_velocity_window_seconds", "buyer_daily_amount_window_seconds",
                      "card_decline_window_seconds", "card_decline_max"):
             if getattr(self, name) < 1:
-                raise RiskSettingsError(f"{_SETTINGS_ENV[name][0]} must be >= 1")
+                raise SettingsError(f"{_SETTINGS_ENV[name]} must be >= 1")
         if self.buyer_velocity_max >= MAX_ENTRIES or self.card_decline_max > MAX_ENTRIES:
-            raise RiskSettingsError(f"RISK_BUYER_VELOCITY_MAX and RISK_CARD_DECLINE_MAX must stay below {MAX_ENTRIES}")
+            raise SettingsError(f"RISK_BUYER_VELOCITY_MAX and RISK_CARD_DECLINE_MAX must stay below {MAX_ENTRIES}")
         unknown = set(self.disabled_rules) - set(RULES)
         if unknown:
-            raise RiskSettingsError(f"RISK_DISABLED_RULES names unknown rules: {sorted(unknown)}")
+            raise SettingsError(f"RISK_DISABLED_RULES names unknown rules: {sorted(unknown)}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RiskSettings":
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name, (var, default) in _SETTINGS_ENV.items():
-            raw = env.get(var, "").strip()
-            if not raw:
-                values[name] = default
-                continue
-            try:
-                values[name] = int(raw)
-            except ValueError:
-                raise RiskSettingsError(f"{var} must be a whole number, not {raw!r}") from None
-        disabled = env.get("RISK_DISABLED_RULES", "")
+        default = cls()
+        values: dict[str, Any] = {name: env_int(var, getattr(default, name), environ=env)
+                                  for name, var in _SETTINGS_ENV.items()}
+        disabled = (os.environ if env is None else env).get("RISK_DISABLED_RULES", "")
         values["disabled_rules"] = frozenset(r.strip() for r in disabled.split(",") if r.strip())
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {var: getattr(self, name) for name, (var, _) in _SETTINGS_ENV.items()}
+        out: dict[str, Any] = {var: getattr(self, name) for name, var in _SETTINGS_ENV.items()}
         out["RISK_DISABLED_RULES"] = sorted(self.disabled_rules)
         return out
 

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from services.risk import domain
+from shared.settings import SettingsError
 from services.risk.domain import (APPROVE, REJECT, REVIEW, BuyerState, CardState, Request, RiskSettings, SellerState,
                                   Windows)
 
@@ -273,7 +274,7 @@ def test_settings_from_the_environment():
                                  {"RISK_CARD_DECLINE_WINDOW_SECONDS": "0"}, {"RISK_DISABLED_RULES": "no_such_rule"},
                                  {"RISK_BUYER_VELOCITY_MAX": "5000"}])
 def test_bad_settings_are_refused(env):
-    with pytest.raises(domain.RiskSettingsError):
+    with pytest.raises(SettingsError, match="RISK_"):
         RiskSettings.from_env(env)
 
 
