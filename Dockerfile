@@ -44,7 +44,7 @@ RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
  && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install -r /tmp/requirements.txt
 
-# Then the project itself (packages shared*, services*, deploy*, with their migrations/*.sql).
+# Then the project itself (packages shared*, services*, deploy*, with their migrations/*.sql and *.py).
 COPY shared ./shared
 COPY services ./services
 COPY deploy/*.py ./deploy/

@@ -2,6 +2,7 @@
 order, once, under an advisory lock (several copies of a service may start together)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -29,8 +30,18 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int
     )
 
 
+async def _run_python(conn: asyncpg.Connection, path: Path) -> None:
+    """A `NNN_name.py` migration: a module with `async def migrate(conn)`, for changes SQL cannot
+    make alone (e.g. hashing personal data with a key from the environment)."""
+    spec = importlib.util.spec_from_file_location(f"danbao_migration_{path.parent.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    await module.migrate(conn)
+
+
 async def migrate(pool: asyncpg.Pool, schema: str, folders: list[Path]) -> list[str]:
-    """Apply `*.sql` files of each folder (runtime's first), each once, in name order."""
+    """Apply the `*.sql` and `*.py` migrations of each folder (runtime's first), each once, in
+    name order, all in one transaction."""
     applied_now = []
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"migrate:{schema}")
@@ -39,11 +50,14 @@ async def migrate(pool: asyncpg.Pool, schema: str, folders: list[Path]) -> list[
             "CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
         for folder in folders:
-            for path in sorted(folder.glob("*.sql")):
+            for path in sorted([*folder.glob("*.sql"), *folder.glob("*.py")], key=lambda p: p.name):
                 name = f"{folder.parent.name}/{path.name}"
-                if name in done:
+                if name in done or path.name == "__init__.py":
                     continue
-                await conn.execute(path.read_text())
+                if path.suffix == ".py":
+                    await _run_python(conn, path)
+                else:
+                    await conn.execute(path.read_text())
                 await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
                 applied_now.append(name)
     return applied_now

@@ -133,14 +133,26 @@ class RefundRejected(Strict):
 
 
 # ---------------------------------------------------------------- internal events
+PiiHash = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 (shared/pii.py)")]
+Masked = Annotated[StrictStr, Field(max_length=32, description="masked for display, e.g. 138****5678")]
+
+
 class UserRegistered(Strict):
-    """gateway -> users.events: the part of a user other services may keep (event-carried state)."""
+    """gateway -> users.events: the part of a user other services may keep (event-carried state).
+    Personal data only as keyed hashes and masked values (shared/pii.py), never in clear."""
     user_id: Identifier
     birth_date: date | None
-    phone: StrictStr | None
-    id_number: StrictStr | None
+    phone_hash: PiiHash | None = None
+    phone_masked: Masked | None = None
+    id_number_hash: PiiHash | None = None
+    id_number_masked: Masked | None = None
     real_name_verified: StrictBool
     registered_at: AwareDatetime
+    # Events published before the hashing carried the clear values: still read (the consumer
+    # hashes them and keeps only the hash and the mask), never written by the gateway.
+    phone: StrictStr | None = Field(default=None, exclude_if=lambda v: v is None, description="legacy: read, never written")
+    id_number: StrictStr | None = Field(default=None, exclude_if=lambda v: v is None,
+                                        description="legacy: read, never written")
 
 
 # escrow.commands (gateway -> escrow), keyed by order_id, so escrow sees one order's commands

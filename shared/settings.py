@@ -24,6 +24,10 @@ DEFAULT_URLS = {
 }
 
 
+# The services that keep personal data (hashed and masked, shared/pii.py) and need DANBAO_PII_KEY.
+PII_SERVICES = ("gateway", "credit")
+
+
 class SettingsError(ValueError):
     """A bad setting; the message names the variable (never echoes a secret)."""
 
@@ -166,6 +170,9 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
     if require_secrets and (not api_tokens or not (jwt_secrets or jwt_keys)):
         # docs/contract.md §7: refuse to start without both; `./danbao up` generates them locally.
         raise SettingsError("DANBAO_API_TOKEN and DANBAO_JWT_SECRET (or DANBAO_JWT_KEYS) must be set")
+    if require_secrets and service in PII_SERVICES and not os.environ.get("DANBAO_PII_KEY", "").strip():
+        # The key of the personal data hashes (shared/pii.py): only the services that keep them.
+        raise SettingsError("DANBAO_PII_KEY must be set (the key of the personal data hashes)")
     urls = {name: env(f"{name.upper()}_URL", url).rstrip("/") for name, url in DEFAULT_URLS.items()}
     database_url = env(f"{service.upper()}_DATABASE_URL", env("DATABASE_URL", "postgresql://danbao@127.0.0.1:5432/danbao"))
     return Settings(

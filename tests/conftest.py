@@ -28,6 +28,11 @@ hypothesis_settings.load_profile("danbao")
 
 from shared.kafka import ping
 
+# The key of the personal data hashes (shared/pii.py) for the test session: the unit tests and
+# the service processes the integration tests start use the same one.
+TEST_PII_KEY = "test-pii-key-0123456789abcdef0123456789"
+os.environ["DANBAO_PII_KEY"] = TEST_PII_KEY
+
 TEST_DB = "danbao_test"
 
 

@@ -201,7 +201,7 @@ ct_build_images() {  # which: all | infra
 }
 
 # ---------------------------------------------------------------- the stack
-# Secrets for compose: the operator token and JWT secret of ./danbao, and a Postgres password
+# Secrets for compose: the operator token, JWT secret and personal data key of ./danbao, and a Postgres password
 # generated once into the same file. Values in the environment win.
 ct_secrets() {
   local PY=$PY; [ -x "$PY" ] || PY=$(command -v python3)  # ensure_secrets needs a Python, not the venv
@@ -282,7 +282,7 @@ ct_down() {
     ct_socket_start
     log "stopping and removing the containers of $CT_PROJECT"
     export DANBAO_API_TOKEN="${DANBAO_API_TOKEN:-x}" DANBAO_JWT_SECRET="${DANBAO_JWT_SECRET:-x}" \
-      POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-x}"  # compose interpolates them even to stop
+      DANBAO_PII_KEY="${DANBAO_PII_KEY:-x}" POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-x}"  # compose interpolates them even to stop
     ct_compose down --remove-orphans "$@" >"$LOGS/compose-down.log" 2>&1 \
       || { cat "$LOGS/compose-down.log" >&2; die "compose down failed"; }
   fi

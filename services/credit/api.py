@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.credit import domain, store
 from shared.auth import Principal, principal
@@ -81,8 +81,8 @@ async def get_account(user_id: str, request: Request, caller: Principal = Depend
 class Profile(BaseModel):
     user_id: str
     birth_date: date | None
-    phone: str | None
-    id_number: str | None
+    phone: str | None = Field(description="masked, e.g. 138****5678")
+    id_number: str | None = Field(description="masked: only the last 4 characters")
     real_name_verified: bool
     registered_at: str
     successful_payments: int
@@ -99,5 +99,7 @@ async def get_profile(user_id: str, request: Request, caller: Principal = Depend
     row = await projection.wait_for(lambda: store.get_profile(pool, user_id))
     if row is None:
         raise ApiError(404, "PROFILE_NOT_FOUND", f"no credit profile for {user_id}")
-    return {**{k: row[k] for k in Profile.model_fields if k != "registered_at"},
+    # Personal data only masked (shared/pii.py): the clear values are not kept.
+    return {**{k: row[k] for k in Profile.model_fields if k not in ("registered_at", "phone", "id_number")},
+            "phone": row["phone_masked"], "id_number": row["id_number_masked"],
             "registered_at": rfc3339(row["registered_at"])}

@@ -6,17 +6,24 @@ from datetime import datetime
 import asyncpg
 
 from services.credit.domain import Behaviour, Line, Profile
+from shared import pii
 
 
 # ---------------------------------------------------------------- profiles
 async def upsert_profile(conn: asyncpg.Connection, p: dict, now: datetime) -> None:
+    """`p` is a UserRegistered's data: the hashes and masks of phone and id number (an event
+    published before they were hashed carries the clear values: hashed here, never stored)."""
+    p = pii.protect(p) if p.get("phone") is not None or p.get("id_number") is not None else p
     await conn.execute(
-        """INSERT INTO profiles (user_id, birth_date, phone, id_number, real_name_verified, registered_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)
-           ON CONFLICT (user_id) DO UPDATE SET birth_date = EXCLUDED.birth_date, phone = EXCLUDED.phone,
-               id_number = EXCLUDED.id_number, real_name_verified = EXCLUDED.real_name_verified,
+        """INSERT INTO profiles (user_id, birth_date, phone_hash, phone_masked, id_number_hash, id_number_masked,
+                                 real_name_verified, registered_at, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+           ON CONFLICT (user_id) DO UPDATE SET birth_date = EXCLUDED.birth_date, phone_hash = EXCLUDED.phone_hash,
+               phone_masked = EXCLUDED.phone_masked, id_number_hash = EXCLUDED.id_number_hash,
+               id_number_masked = EXCLUDED.id_number_masked, real_name_verified = EXCLUDED.real_name_verified,
                updated_at = EXCLUDED.updated_at""",
-        p["user_id"], p["birth_date"], p["phone"], p["id_number"], p["real_name_verified"], p["registered_at"], now)
+        p["user_id"], p["birth_date"], p.get("phone_hash"), p.get("phone_masked"), p.get("id_number_hash"),
+        p.get("id_number_masked"), p["real_name_verified"], p["registered_at"], now)
 
 
 async def get_profile(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict | None:
@@ -25,8 +32,9 @@ async def get_profile(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> 
 
 
 def profile_and_behaviour(row: dict, tz) -> tuple[Profile, Behaviour]:
-    profile = Profile(user_id=row["user_id"], birth_date=row["birth_date"], phone=row["phone"],
-                      id_number=row["id_number"], real_name_verified=row["real_name_verified"],
+    # The rules need only whether there is a phone / id number, and equality: the hashes.
+    profile = Profile(user_id=row["user_id"], birth_date=row["birth_date"], phone=row["phone_hash"],
+                      id_number=row["id_number_hash"], real_name_verified=row["real_name_verified"],
                       registered_on=row["registered_at"].astimezone(tz).date())
     behaviour = Behaviour(successful_payments=row["successful_payments"], on_time_repayments=row["on_time_repayments"],
                           late_repayments=row["late_repayments"], days_overdue=row["days_overdue"])
@@ -75,20 +83,22 @@ def line_of(account: dict | None) -> Line | None:
                 frozen=account["status"] == "frozen")
 
 
-async def taken(conn: asyncpg.Connection, user_id: str, id_number: str | None, phone: str | None) -> tuple[bool, bool]:
+async def taken(conn: asyncpg.Connection, user_id: str, id_number_hash: str | None,
+                phone_hash: str | None) -> tuple[bool, bool]:
     row = await conn.fetchrow(
-        """SELECT bool_or(id_number = $2) AS id_taken, bool_or(phone = $3) AS phone_taken
-           FROM huabei_accounts WHERE user_id <> $1""", user_id, id_number, phone)
+        """SELECT bool_or(id_number_hash = $2) AS id_taken, bool_or(phone_hash = $3) AS phone_taken
+           FROM huabei_accounts WHERE user_id <> $1""", user_id, id_number_hash, phone_hash)
     return bool(row["id_taken"]), bool(row["phone_taken"])
 
 
-async def insert_account(conn: asyncpg.Connection, user_id: str, limit: int, score: int, id_number: str, phone: str,
-                         now: datetime) -> bool:
+async def insert_account(conn: asyncpg.Connection, user_id: str, limit: int, score: int, id_number_hash: str,
+                         phone_hash: str, now: datetime) -> bool:
     """False when another account took the id number or phone meanwhile, or the user has one."""
     return bool(await conn.fetchval(
-        """INSERT INTO huabei_accounts (user_id, status, credit_limit, score, id_number, phone, activated_at, reviewed_at)
+        """INSERT INTO huabei_accounts (user_id, status, credit_limit, score, id_number_hash, phone_hash, activated_at,
+                                        reviewed_at)
            VALUES ($1, 'active', $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING RETURNING true""",
-        user_id, limit, score, id_number, phone, now))
+        user_id, limit, score, id_number_hash, phone_hash, now))
 
 
 async def try_reserve(conn: asyncpg.Connection, user_id: str, amount: int) -> bool:
@@ -116,9 +126,8 @@ async def count_review_behaviour(conn: asyncpg.Connection, user_id: str, on_time
 
 async def due_reviews(conn: asyncpg.Connection, before: datetime, limit: int) -> list[dict]:
     rows = await conn.fetch(
-        """SELECT a.*, p.birth_date, p.phone AS profile_phone, p.real_name_verified, p.registered_at,
-                  p.successful_payments, p.on_time_repayments, p.late_repayments, p.days_overdue,
-                  p.id_number AS profile_id_number
+        """SELECT a.*, p.birth_date, p.real_name_verified, p.registered_at,
+                  p.successful_payments, p.on_time_repayments, p.late_repayments, p.days_overdue
            FROM huabei_accounts a JOIN profiles p USING (user_id)
            WHERE a.reviewed_at <= $1 ORDER BY a.reviewed_at LIMIT $2 FOR UPDATE OF a SKIP LOCKED""", before, limit)
     return [dict(r) for r in rows]

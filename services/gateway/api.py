@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from services.gateway import handlers, store
 from services.gateway.domain import Registration
-from shared import idempotency
+from shared import idempotency, pii
 from shared.auth import Principal, operator, principal
 from shared.errors import ApiError
 from shared.events import CardToken, Identifier, rfc3339
@@ -43,14 +43,16 @@ class User(BaseModel):
     user_id: str
     full_name: str
     birth_date: date | None
-    phone: str | None
-    id_number: str | None
+    phone: str | None = Field(description="masked, e.g. 138****5678: the platform keeps no clear value")
+    id_number: str | None = Field(description="masked: only the last 4 characters (2 when shorter than 10)")
     real_name_verified: bool
     registered_at: str
 
 
 def _user_out(row: dict) -> dict:
-    return {**row, "registered_at": rfc3339(row["registered_at"])}
+    return {"user_id": row["user_id"], "full_name": row["full_name"], "birth_date": row["birth_date"],
+            "phone": row["phone_masked"], "id_number": row["id_number_masked"],
+            "real_name_verified": row["real_name_verified"], "registered_at": rfc3339(row["registered_at"])}
 
 
 @router.post("/users", status_code=201, response_model=User, tags=["users"],
@@ -59,7 +61,8 @@ async def register_user(body: NewUser, request: Request, caller: Principal = Dep
     caller.require_user(body.user_id)
     ctx = ctx_of(request)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        outcome, row = await handlers.register_user(ctx, conn, body.model_dump())
+        # Personal data goes no further than this: a keyed hash and a masked value (shared/pii.py).
+        outcome, row = await handlers.register_user(ctx, conn, pii.protect(body.model_dump()))
     if outcome is Registration.CONFLICT:
         raise ApiError(409, "USER_EXISTS", f"user {body.user_id} is already registered with different details")
     return JSONResponse(status_code=201 if outcome is Registration.CREATED else 200,

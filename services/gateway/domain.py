@@ -73,7 +73,8 @@ class Registration(str, Enum):
     CONFLICT = "conflict"    # 409: the same user_id with a different body
 
 
-USER_FIELDS = ("user_id", "full_name", "birth_date", "phone", "id_number", "real_name_verified")
+# As stored: phone and id number by their keyed hashes (shared/pii.py).
+USER_FIELDS = ("user_id", "full_name", "birth_date", "phone_hash", "id_number_hash", "real_name_verified")
 
 
 def registration_outcome(existing: dict | None, requested: dict) -> Registration:

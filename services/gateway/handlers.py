@@ -64,8 +64,10 @@ async def register_user(ctx: Context, conn: asyncpg.Connection, user: dict) -> t
     now = ctx.clock.now()
     if await store.insert_user(conn, user, now):
         registered = UserRegistered(
-            user_id=user["user_id"], birth_date=user["birth_date"], phone=user["phone"],
-            id_number=user["id_number"], real_name_verified=user["real_name_verified"], registered_at=now)
+            user_id=user["user_id"], birth_date=user["birth_date"], phone_hash=user["phone_hash"],
+            phone_masked=user["phone_masked"], id_number_hash=user["id_number_hash"],
+            id_number_masked=user["id_number_masked"], real_name_verified=user["real_name_verified"],
+            registered_at=now)
         await outbox.add(conn, topics.USERS, user["user_id"],
                          events.new_event(registered, source=SOURCE, occurred_at=now, correlation_id=user["user_id"]))
         return Registration.CREATED, await store.get_user(conn, user["user_id"])

@@ -12,10 +12,11 @@ from shared.events import OrderPlaced
 async def insert_user(conn: asyncpg.Connection, user: dict, registered_at: datetime) -> bool:
     """False when the user_id is taken (the caller compares bodies)."""
     return bool(await conn.fetchval(
-        """INSERT INTO users (user_id, full_name, birth_date, phone, id_number, real_name_verified, registered_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id) DO NOTHING RETURNING true""",
-        user["user_id"], user["full_name"], user["birth_date"], user["phone"], user["id_number"],
-        user["real_name_verified"], registered_at))
+        """INSERT INTO users (user_id, full_name, birth_date, phone_hash, phone_masked, id_number_hash,
+                             id_number_masked, real_name_verified, registered_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (user_id) DO NOTHING RETURNING true""",
+        user["user_id"], user["full_name"], user["birth_date"], user["phone_hash"], user["phone_masked"],
+        user["id_number_hash"], user["id_number_masked"], user["real_name_verified"], registered_at))
 
 
 async def get_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict | None:

@@ -103,6 +103,7 @@ def service_env(infra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DANBAO_", "GATEWAY_", "ESCROW_", "CREDIT_", "BILLING_"))}
     env.update(KAFKA_BOOTSTRAP_SERVERS=infra.kafka, DATABASE_URL=infra.database_url, DANBAO_CLOCK="controllable",
                DANBAO_API_TOKEN=API_TOKEN, DANBAO_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1",
+               DANBAO_PII_KEY=os.environ["DANBAO_PII_KEY"],  # tests/conftest.py
                # The risk engine's windows live in Kafka, which outlives the session's fresh
                # database and test clock: each session gets its own engine (consumer group and
                # state), starting at the end of risk.requests rather than replaying old sessions.

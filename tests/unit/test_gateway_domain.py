@@ -4,15 +4,16 @@ from services.gateway.domain import (PaymentStatus, risk_fallback, Registration,
                                      payment_status, registration_outcome, route_order_event, validation_failure,
                                      withdrawal_fee)
 
-USER = {"user_id": "u-1", "full_name": "A", "birth_date": None, "phone": "1", "id_number": None,
-        "real_name_verified": True}
+USER = {"user_id": "u-1", "full_name": "A", "birth_date": None, "phone_hash": "1" * 64, "phone_masked": "*1",
+        "id_number_hash": None, "id_number_masked": None, "real_name_verified": True}
 RULES = Rules()
 
 
 def test_registration_outcomes():
     assert registration_outcome(None, USER) is Registration.CREATED
     assert registration_outcome({**USER, "registered_at": "whenever"}, USER) is Registration.REPEATED
-    assert registration_outcome({**USER, "phone": "2"}, USER) is Registration.CONFLICT
+    assert registration_outcome({**USER, "phone_hash": "2" * 64}, USER) is Registration.CONFLICT  # another phone
+    assert registration_outcome({**USER, "id_number_hash": "3" * 64}, USER) is Registration.CONFLICT
 
 
 @pytest.mark.parametrize("amount, withdrawn_before, fee", [

@@ -9,6 +9,7 @@ def test_defaults_follow_the_contract(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DANBAO_API_TOKEN", "op-token-value")
     monkeypatch.setenv("DANBAO_JWT_SECRET", "jwt-secret-value")
+    monkeypatch.setenv("DANBAO_PII_KEY", "pii-key-value")
     s = settings.load("gateway")
     assert s.kafka_bootstrap_servers == "127.0.0.1:9092"
     assert s.database_url == "postgresql://danbao@127.0.0.1:5432/danbao"
@@ -62,3 +63,16 @@ def test_malformed_jwt_keys_are_refused_without_echoing_the_secret(monkeypatch, 
     with pytest.raises(settings.SettingsError) as info:
         settings.load("gateway")
     assert "secret" not in str(info.value).replace("kid:secret", "") and "no-colon" not in str(info.value)
+
+
+def test_services_keeping_personal_data_refuse_to_start_without_the_pii_key(monkeypatch):
+    monkeypatch.setenv("DANBAO_API_TOKEN", "t")
+    monkeypatch.setenv("DANBAO_JWT_SECRET", "s")
+    monkeypatch.delenv("DANBAO_PII_KEY", raising=False)
+    for service in ("gateway", "credit"):
+        with pytest.raises(settings.SettingsError, match="DANBAO_PII_KEY"):
+            settings.load(service)
+    settings.load("escrow")  # holds no personal data: does not need it
+    settings.load("billing")
+    monkeypatch.setenv("DANBAO_PII_KEY", "k")
+    settings.load("gateway")
