@@ -25,7 +25,7 @@ from shared import projection
 from shared.auth import Principal, principal
 from shared.errors import ApiError
 from shared.http import ERRORS, ctx_of
-from shared.idempotency import run_once
+from shared import idempotency
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
@@ -65,7 +65,7 @@ class StatementDetail(Statement):
 class Conversion(BaseModel):
     model_config = ConfigDict(extra="forbid")
     periods: StrictInt
-    idempotency_key: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    idempotency_key: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None  # or the header
 
 
 class PlanPeriodView(BaseModel):
@@ -167,9 +167,11 @@ async def convert(user_id: str, statement_id: str, body: Conversion, request: Re
                   caller: Principal = Depends(principal)):
     """Convert an issued statement, before the end of its due day, into 3, 6, 9 or 12 installments
     of its outstanding principal: period 1 due on the statement's own due day, period k k-1 months
-    later; the fee per docs/contract.md §5."""
+    later; the fee per docs/contract.md §5. Idempotent on `idempotency_key` (or the
+    `Idempotency-Key` header): the first answer, a refusal included, is the answer to every repeat."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
+    key = idempotency.key(request, body.idempotency_key)
     try:
         ctx.deps.rules.installment_fee_rate(body.periods)
     except ValueError as exc:
@@ -178,6 +180,6 @@ async def convert(user_id: str, statement_id: str, body: Conversion, request: Re
     async def write(conn):
         return await handlers.convert_statement(ctx, conn, user_id, statement_id, body.periods)
 
-    status, result = await run_once(ctx.pool, f"billing:installments:{user_id}", body.idempotency_key,
-                                    {"statement_id": statement_id, "periods": body.periods}, write)
+    status, result = await idempotency.run_once(ctx.pool, f"billing:installments:{user_id}", key,
+                                                {"statement_id": statement_id, "periods": body.periods}, write)
     return JSONResponse(status_code=status, content=result)

@@ -371,11 +371,20 @@ async def test_converting_an_issued_statement_to_six_installments(shop):
     billing = shop.api("billing")
     sid = open_cycle["statement_id"]
     url = f"/v1/huabei/{buyer}/statements/{sid}/installments"
-    refused = await billing.post(url, json={"periods": 6, "idempotency_key": new_id("k")})
+    refused_key = new_id("k")
+    refused = await billing.post(url, json={"periods": 6, "idempotency_key": refused_key})
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "STATEMENT_NOT_ISSUED"
 
     await set_clock(shop, at(day(m, 1, 5), 12, 0, 0))
     await expect_statements(shop, buyer, [statement(m, principal=10_001, status="issued")])
+    # The first answer for a key, a refusal included, is the answer to every repeat (as Stripe):
+    # the statement could be converted now, but not under the key that was refused.
+    again = await billing.post(url, json={"periods": 6, "idempotency_key": refused_key})
+    assert (again.status_code, again.json()) == (409, refused.json())
+    both = await billing.post(url, json={"periods": 6, "idempotency_key": "k-body"}, headers={"Idempotency-Key": "k-h"})
+    assert both.status_code == 400 and both.json()["error"]["code"] == "INVALID_REQUEST", both.text
+    missing = await billing.post(url, json={"periods": 6})
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "INVALID_REQUEST", missing.text
     bad = await billing.post(url, json={"periods": 5, "idempotency_key": new_id("k")})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_REQUEST"
     unknown = await billing.post(f"/v1/huabei/{buyer}/statements/S190001-{buyer}/installments",
@@ -383,13 +392,15 @@ async def test_converting_an_issued_statement_to_six_installments(shop):
     assert unknown.status_code == 404
 
     key = new_id("k")
-    converted = await billing.post(url, json={"periods": 6, "idempotency_key": key})
+    converted = await billing.post(url, json={"periods": 6}, headers={"Idempotency-Key": key})  # the header form
     assert converted.status_code == 201, converted.text
     expected_periods = [{"period": k, "due_on": day(m, k, 10).isoformat(), "principal": p, "fee": f}
                         for k, (p, f) in enumerate(plan(10_001, 6), start=1)]
     assert expected_periods[0] == {"period": 1, "due_on": day(m, 1, 10).isoformat(), "principal": 1_671, "fee": 75}
     assert converted.json() == {"statement_id": sid, "periods": expected_periods}
-    again = await billing.post(url, json={"periods": 6, "idempotency_key": key})
+    again = await billing.post(url, json={"periods": 6, "idempotency_key": key})  # the same key in the body
+    assert (again.status_code, again.json()) == (201, converted.json())
+    again = await billing.post(url, json={"periods": 6, "idempotency_key": key}, headers={"Idempotency-Key": key})
     assert (again.status_code, again.json()) == (201, converted.json())
     conflict = await billing.post(url, json={"periods": 3, "idempotency_key": key})
     assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "IDEMPOTENCY_CONFLICT"
