@@ -31,3 +31,13 @@ async def test_an_escaped_backslash_before_u0000_is_plain_text(api):
            '"id_number": "%s", "real_name_verified": true}' % (user_id, abs(hash(user_id)) % 10**8, new_id("id").replace("-", "")))
     response = await api("gateway").post("/v1/users", content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 201, response.text
+
+
+async def test_a_birth_date_after_the_platform_clock_today_is_refused(api):
+    user_id = new_id("u")
+    body = {"user_id": user_id, "full_name": "Future Kid", "birth_date": "2999-01-01", "phone": "13912345678",
+            "id_number": "110101299901011234", "real_name_verified": True}
+    response = await api("gateway").post("/v1/users", json=body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_REQUEST", response.text
+    assert "birth_date" in response.json()["error"]["message"]
+    assert (await api("gateway").get(f"/v1/users/{user_id}")).status_code == 404
