@@ -1,5 +1,5 @@
 """Credit rules, pure: no I/O. The credit score, Huabei eligibility, the limit, the periodic
-limit review, and the try/confirm/cancel arithmetic of a credit line.
+limit review, and the try/confirm/cancel of drawdowns (the reservation's state machine).
 
 The credit score (350 … 950) is a sum of documented points over the profile and behaviour
 the credit service has seen in events, clamped to the range:
@@ -23,10 +23,13 @@ The limit grows linearly with the score from 50 000 fen at 350 to 5 000 000 fen 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timedelta
 from decimal import Decimal
+from enum import Enum
 
+from shared.events import (CreditRefused, CreditReserved, DrawdownCommitted, DrawdownRefunded, ReserveCredit,
+                           RestoreCredit)
 from shared.money import apply_rate, percent
 
 SCORE_MIN, SCORE_MAX = 350, 950
@@ -151,3 +154,130 @@ def reviewed_limit(current_limit: int, score: int, *, on_time_since: int, late_s
         return current_limit
     raised = current_limit + apply_rate(current_limit, rules.raise_pct)
     return min(LIMIT_MAX, max(current_limit, limit_for_score(score), raised))
+
+
+# ---------------------------------------------------------------- drawdowns: try / confirm / cancel
+# One order's reservation as a state machine. Each `on_*` takes the reservation as it stands
+# (None: none yet) and returns a `CreditDecision`: the reservation to save, how the line's
+# `reserved` and `used` move, the loan transfers and the credit.events to emit. handlers.py
+# applies it; tests/unit/test_saga_simulation.py drives the same functions.
+class ReservationState(str, Enum):
+    RESERVED = "reserved"    # tried: counted in the line's `reserved`
+    COMMITTED = "committed"  # confirmed: a drawdown, counted in `used`
+    CANCELLED = "cancelled"  # the saga compensated
+    EXPIRED = "expired"      # never confirmed within the TTL: the credit is free again
+    REFUSED = "refused"      # kept so that a re-sent ReserveCredit gets the same answer
+
+
+@dataclass(frozen=True)
+class Reservation:
+    order_id: str
+    user_id: str
+    amount: int
+    installments: int
+    state: ReservationState
+    expires_at: datetime
+    reason_code: str | None = None
+    message: str | None = None
+
+    @classmethod
+    def from_row(cls, row) -> "Reservation":
+        return cls(order_id=row["order_id"], user_id=row["user_id"], amount=row["amount"],
+                   installments=row["installments"], state=ReservationState(row["state"]),
+                   expires_at=row["expires_at"], reason_code=row["reason_code"], message=row["message"])
+
+
+@dataclass(frozen=True)
+class LoanTransfer:
+    id: str
+    debit: str
+    credit: str
+    amount: int
+    code: str
+
+
+@dataclass(frozen=True)
+class CreditDecision:
+    reservation: Reservation | None = None  # to save (new, or its state changed); None: unchanged
+    reserved: int = 0                       # change of the line's `reserved`
+    used: int = 0                           # change of the line's `used`
+    transfers: tuple[LoanTransfer, ...] = ()
+    emit: tuple = ()                        # credit.events, keyed by the order
+
+    @property
+    def changes_nothing(self) -> bool:
+        return self.reservation is None and not self.reserved and not self.used and not self.transfers \
+            and not self.emit
+
+
+CREDIT_NOTHING = CreditDecision()
+LENT = "gateway"  # credit's ledger: money lent out through the gateway (debit-normal: `loan:<user>` owes it)
+
+
+def loan_account(user_id: str) -> str:
+    return f"loan:{user_id}"
+
+
+def new_reservation(cmd: ReserveCredit, now: datetime, ttl_seconds: int,
+                    refusal: tuple[str, str] | None) -> CreditDecision:
+    r = Reservation(order_id=cmd.order_id, user_id=cmd.user_id, amount=cmd.amount, installments=cmd.installments,
+                    state=ReservationState.REFUSED if refusal else ReservationState.RESERVED,
+                    expires_at=now + timedelta(seconds=ttl_seconds), reason_code=refusal[0] if refusal else None,
+                    message=refusal[1] if refusal else None)
+    if refusal:
+        return CreditDecision(reservation=r, emit=(CreditRefused(order_id=cmd.order_id, user_id=cmd.user_id,
+                                                                 reason_code=refusal[0], message=refusal[1]),))
+    return CreditDecision(reservation=r, reserved=cmd.amount,
+                          emit=(CreditReserved(order_id=cmd.order_id, user_id=cmd.user_id, amount=cmd.amount),))
+
+
+def on_reserve(existing: Reservation | None, line: Line | None, cmd: ReserveCredit, now: datetime,
+               ttl_seconds: int) -> CreditDecision:
+    """Try: reserve the amount on the line, or refuse. A re-sent command gets the same answer."""
+    if existing is not None:
+        if existing.state is ReservationState.REFUSED:
+            return CreditDecision(emit=(CreditRefused(order_id=cmd.order_id, user_id=cmd.user_id,
+                                                      reason_code=existing.reason_code, message=existing.message),))
+        if existing.state in (ReservationState.RESERVED, ReservationState.COMMITTED):
+            return CreditDecision(emit=(CreditReserved(order_id=cmd.order_id, user_id=cmd.user_id,
+                                                       amount=existing.amount),))
+        return CREDIT_NOTHING
+    return new_reservation(cmd, now, ttl_seconds, reservation_refusal(line, cmd.amount))
+
+
+def on_commit(r: Reservation | None, now: datetime) -> CreditDecision:
+    """Confirm: the reservation becomes a drawdown (a loan) for billing. A late commit of an
+    expired reservation still stands: the money is in escrow already."""
+    if r is None or r.state not in (ReservationState.RESERVED, ReservationState.EXPIRED):
+        return CREDIT_NOTHING  # unknown, or already committed or cancelled
+    return CreditDecision(
+        reservation=replace(r, state=ReservationState.COMMITTED),
+        reserved=-r.amount if r.state is ReservationState.RESERVED else 0, used=r.amount,
+        transfers=(LoanTransfer(f"drawdown:{r.order_id}", loan_account(r.user_id), LENT, r.amount, "drawdown"),),
+        emit=(DrawdownCommitted(order_id=r.order_id, user_id=r.user_id, amount=r.amount, installments=r.installments,
+                                committed_at=now),))
+
+
+def on_cancel(r: Reservation | None) -> CreditDecision:
+    if r is None or r.state is not ReservationState.RESERVED:
+        return CREDIT_NOTHING
+    return CreditDecision(reservation=replace(r, state=ReservationState.CANCELLED), reserved=-r.amount)
+
+
+def on_expire(r: Reservation, now: datetime) -> CreditDecision:
+    if r.state is not ReservationState.RESERVED or r.expires_at > now:
+        return CREDIT_NOTHING
+    return CreditDecision(reservation=replace(r, state=ReservationState.EXPIRED), reserved=-r.amount)
+
+
+def on_restore(first: bool, cmd: RestoreCredit, now: datetime) -> CreditDecision:
+    """A refund of a Huabei-funded order: the principal goes back to the lender and the line,
+    once per refund (`first`: this refund_key was not restored before)."""
+    if not first:
+        return CREDIT_NOTHING
+    return CreditDecision(
+        used=-cmd.amount,
+        transfers=(LoanTransfer(f"restore:{cmd.order_id}:{cmd.refund_key}", LENT, loan_account(cmd.user_id),
+                                cmd.amount, "refund"),),
+        emit=(DrawdownRefunded(order_id=cmd.order_id, user_id=cmd.user_id, amount=cmd.amount,
+                               refund_key=cmd.refund_key, refunded_at=now),))

@@ -95,3 +95,51 @@ def test_limit_review():
     assert reviewed_limit(100_000, 900, on_time_since=3, late_since=0, frozen=True, rules=rules) == 100_000
     assert reviewed_limit(4_900_000, 950, on_time_since=3, late_since=0, frozen=False, rules=rules) == LIMIT_MAX
     assert reviewed_limit(300_000, 350, on_time_since=3, late_since=0, frozen=False, rules=rules) == 330_000
+
+
+# ---------------------------------------------------------------- drawdowns: try / confirm / cancel
+from datetime import datetime, timedelta, timezone  # noqa: E402
+
+from services.credit.domain import (CREDIT_NOTHING, ReservationState as RS, on_cancel, on_commit,  # noqa: E402
+                                    on_expire, on_reserve, on_restore)
+from shared.events import ReserveCredit, RestoreCredit  # noqa: E402
+
+NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
+RESERVE = ReserveCredit(order_id="o-1", user_id="u", amount=600, installments=1)
+
+
+def test_reserve_takes_credit_or_refuses_and_answers_a_repeat_the_same():
+    d = on_reserve(None, Line(1000, 0, 0, False), RESERVE, NOW, 1800)
+    assert d.reserved == 600 and d.reservation.state is RS.RESERVED and type(d.emit[0]).__name__ == "CreditReserved"
+    assert d.reservation.expires_at == NOW + timedelta(seconds=1800)
+    again = on_reserve(d.reservation, None, RESERVE, NOW, 1800)
+    assert again.reserved == 0 and again.reservation is None and type(again.emit[0]).__name__ == "CreditReserved"
+    refused = on_reserve(None, Line(1000, 500, 0, False), RESERVE, NOW, 1800)
+    assert refused.reserved == 0 and refused.reservation.state is RS.REFUSED
+    assert refused.emit[0].reason_code == "CREDIT_LIMIT_EXCEEDED"
+    assert on_reserve(refused.reservation, None, RESERVE, NOW, 1800).emit[0].reason_code == "CREDIT_LIMIT_EXCEEDED"
+    assert on_reserve(None, None, RESERVE, NOW, 1800).emit[0].reason_code == "HUABEI_NOT_ACTIVE"
+    assert on_reserve(None, Line(1000, 0, 0, True), RESERVE, NOW, 1800).emit[0].reason_code == "HUABEI_FROZEN"
+
+
+def test_commit_cancel_and_expiry_move_the_line_once():
+    r = on_reserve(None, Line(1000, 0, 0, False), RESERVE, NOW, 1800).reservation
+    commit = on_commit(r, NOW)
+    assert (commit.reserved, commit.used, commit.reservation.state) == (-600, 600, RS.COMMITTED)
+    assert commit.transfers[0].debit == "loan:u" and commit.transfers[0].credit == "gateway"
+    assert on_commit(commit.reservation, NOW) is CREDIT_NOTHING and on_cancel(commit.reservation) is CREDIT_NOTHING
+    cancel = on_cancel(r)
+    assert (cancel.reserved, cancel.used, cancel.reservation.state) == (-600, 0, RS.CANCELLED)
+    assert on_commit(cancel.reservation, NOW) is CREDIT_NOTHING
+    assert on_expire(r, NOW + timedelta(seconds=1799)) is CREDIT_NOTHING
+    expired = on_expire(r, NOW + timedelta(seconds=1800))
+    assert (expired.reserved, expired.reservation.state) == (-600, RS.EXPIRED)
+    late = on_commit(expired.reservation, NOW)  # the money is in escrow: the drawdown stands
+    assert (late.reserved, late.used) == (0, 600)
+
+
+def test_restore_gives_the_principal_back_once():
+    cmd = RestoreCredit(order_id="o-1", user_id="u", amount=200, refund_key="r:1")
+    d = on_restore(True, cmd, NOW)
+    assert d.used == -200 and d.transfers[0].id == "restore:o-1:r:1"
+    assert on_restore(False, cmd, NOW) is CREDIT_NOTHING
