@@ -1,11 +1,12 @@
 """Double-entry ledger inside one service's schema (see migrations/002_ledger.sql).
 
 Every movement is a transfer from a debit account to a credit account, so each entry balances
-by construction. Balances are derived from the transfers (view `ledger_balances`). Wallet-like
-accounts (no_overdraft) can never go below zero: they also keep running totals on their row,
-which the overdraft check reads and locks, and a transfer that would overdraw one is refused
-with InsufficientFunds and changes nothing. Shared accounts (bank, escrow, ...) keep no totals,
-so transactions do not queue on their rows. Holds are pending
+by construction. Balances are derived from the transfers (view `ledger_balances`). An account
+opened with the no_overdraft flag (`open_account`, as TigerBeetle's flags: set when the account
+is created, never changed; wallets) can never go below zero: it also keeps running totals on its
+row, which the overdraft check reads and locks, and a transfer that would overdraw it is refused
+with InsufficientFunds and changes nothing. Other accounts are opened on first use and keep no
+totals (bank, escrow, ...), so transactions do not queue on their rows. Holds are pending
 transfers, later posted or voided (TigerBeetle's two-phase transfers). Transfer ids are
 deterministic, so repeating a transfer is a no-op.
 
@@ -44,23 +45,28 @@ class Account:
         return self.credits_posted - self.debits_posted - self.debits_pending
 
 
-# Accounts are opened on first use. Those whose id starts with one of these can never be overdrawn.
-NO_OVERDRAFT_PREFIXES = ("wallet:",)
+async def open_account(conn: asyncpg.Connection, account_id: str, *, no_overdraft: bool = False) -> None:
+    """Open an account with its flag before money moves through it (a no-overdraft account must
+    be: a transfer opens an unknown account as an ordinary one). Opening again is a no-op; with
+    the other flag it is a ValueError (flags never change)."""
+    flag = await conn.fetchval(
+        """INSERT INTO ledger_accounts (id, no_overdraft) VALUES ($1, $2)
+           ON CONFLICT (id) DO UPDATE SET no_overdraft = ledger_accounts.no_overdraft RETURNING no_overdraft""",
+        account_id, no_overdraft)
+    if flag != no_overdraft:
+        raise ValueError(f"account {account_id} is already open with no_overdraft={flag}")
 
 
-async def _ensure_accounts(conn: asyncpg.Connection, *ids: str) -> None:
-    await conn.executemany(
-        "INSERT INTO ledger_accounts (id, no_overdraft) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-        [(i, i.startswith(NO_OVERDRAFT_PREFIXES)) for i in ids])
-
-
-def _keeps_totals(account_id: str) -> bool:
-    return account_id.startswith(NO_OVERDRAFT_PREFIXES)
+async def _open(conn: asyncpg.Connection, ids: list[str]) -> set[str]:
+    """Open the accounts not opened yet (ordinary) and return those of `ids` that keep running
+    totals (no_overdraft), in one statement."""
+    rows = await conn.fetch(
+        """WITH opened AS (INSERT INTO ledger_accounts (id) SELECT unnest($1::text[]) ON CONFLICT (id) DO NOTHING)
+           SELECT id FROM ledger_accounts WHERE id = ANY($1::text[]) AND no_overdraft""", ids)
+    return {r["id"] for r in rows}
 
 
 async def _debit(conn: asyncpg.Connection, account: str, amount: int, column: str) -> None:
-    if not _keeps_totals(account):
-        return
     # Conditional update: refuses (no row) instead of tripping the CHECK and aborting the transaction.
     ok = await conn.fetchval(
         f"""UPDATE ledger_accounts SET {column} = {column} + $2
@@ -77,7 +83,7 @@ async def transfer(conn: asyncpg.Connection, transfer_id: str, debit: str, credi
     overdraw a no-overdraft account."""
     if not isinstance(amount, int) or amount <= 0:
         raise ValueError(f"a transfer moves a positive whole number of fen, not {amount!r}")
-    await _ensure_accounts(conn, debit, credit)
+    keeps_totals = await _open(conn, [debit, credit])
     async with conn.transaction():  # savepoint: a refused overdraft leaves nothing behind
         inserted = await conn.fetchval(
             """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, code, order_id, created_at)
@@ -86,8 +92,9 @@ async def transfer(conn: asyncpg.Connection, transfer_id: str, debit: str, credi
         if not inserted:
             return False
         column = "pending" if pending else "posted"
-        await _debit(conn, debit, amount, f"debits_{column}")
-        if _keeps_totals(credit):
+        if debit in keeps_totals:
+            await _debit(conn, debit, amount, f"debits_{column}")
+        if credit in keeps_totals:
             await conn.execute(f"UPDATE ledger_accounts SET credits_{column} = credits_{column} + $2 WHERE id = $1",
                                credit, amount)
     return True
@@ -95,8 +102,11 @@ async def transfer(conn: asyncpg.Connection, transfer_id: str, debit: str, credi
 
 async def _resolve(conn: asyncpg.Connection, transfer_id: str, pending_id: str, kind: str, now: datetime) -> bool:
     pending = await conn.fetchrow(
-        "SELECT debit_account, credit_account, amount, code, order_id FROM ledger_transfers WHERE id = $1 AND kind = 'pending'",
-        pending_id)
+        """SELECT t.debit_account, t.credit_account, t.amount, t.code, t.order_id,
+                  d.no_overdraft AS debit_keeps_totals, c.no_overdraft AS credit_keeps_totals
+           FROM ledger_transfers t JOIN ledger_accounts d ON d.id = t.debit_account
+                JOIN ledger_accounts c ON c.id = t.credit_account
+           WHERE t.id = $1 AND t.kind = 'pending'""", pending_id)
     if pending is None:
         raise LookupError(f"no pending transfer {pending_id}")
     inserted = await conn.fetchval(
@@ -108,12 +118,12 @@ async def _resolve(conn: asyncpg.Connection, transfer_id: str, pending_id: str, 
         return False
     amount = pending["amount"]
     posted = kind == "post_pending"
-    if _keeps_totals(pending["debit_account"]):
+    if pending["debit_keeps_totals"]:
         await conn.execute(
             f"""UPDATE ledger_accounts SET debits_pending = debits_pending - $2
                 {', debits_posted = debits_posted + $2' if posted else ''} WHERE id = $1""",
             pending["debit_account"], amount)
-    if _keeps_totals(pending["credit_account"]):
+    if pending["credit_keeps_totals"]:
         await conn.execute(
             f"""UPDATE ledger_accounts SET credits_pending = credits_pending - $2
                 {', credits_posted = credits_posted + $2' if posted else ''} WHERE id = $1""",
@@ -157,14 +167,12 @@ async def _add_totals(conn: asyncpg.Connection, deltas: dict[str, list[int]]) ->
 
 
 async def _open_and_lock(conn: asyncpg.Connection, accounts: list[str]) -> dict[str, int]:
-    """Open the accounts not opened yet and lock the total-keeping ones in id order, in one
-    statement; returns what each total-keeping account has available (0 for one opened now)."""
+    """Open the accounts not opened yet (ordinary) and lock the total-keeping (no_overdraft) ones
+    in id order, in one statement; returns what each total-keeping account has available."""
     rows = await conn.fetch(
-        """WITH opened AS (INSERT INTO ledger_accounts (id, no_overdraft)
-                           SELECT i, o FROM unnest($1::text[], $2::bool[]) AS u(i, o) ON CONFLICT (id) DO NOTHING)
+        """WITH opened AS (INSERT INTO ledger_accounts (id) SELECT unnest($1::text[]) ON CONFLICT (id) DO NOTHING)
            SELECT id, credits_posted - debits_posted - debits_pending AS available FROM ledger_accounts
-           WHERE id = ANY($3::text[]) ORDER BY id FOR UPDATE""",
-        accounts, [a.startswith(NO_OVERDRAFT_PREFIXES) for a in accounts], [a for a in accounts if _keeps_totals(a)])
+           WHERE id = ANY($1::text[]) AND no_overdraft ORDER BY id FOR UPDATE""", accounts)
     return {r["id"]: r["available"] for r in rows}
 
 
@@ -183,8 +191,8 @@ async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], 
     available = await _open_and_lock(conn, sorted({a for t in transfers for a in (t.debit, t.credit)}))
     refused: set[str] = set()
     for t in transfers:
-        if _keeps_totals(t.debit):
-            if available.get(t.debit, 0) < t.amount:
+        if t.debit in available:  # a no-overdraft account
+            if available[t.debit] < t.amount:
                 if not partial:
                     raise InsufficientFunds(f"{t.debit} cannot pay {t.amount}")
                 refused.add(t.id)
@@ -204,9 +212,9 @@ async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], 
     for t in todo:
         if t.id not in applied:
             continue
-        if _keeps_totals(t.debit):
+        if t.debit in available:
             deltas.setdefault(t.debit, [0, 0, 0, 0])[2 if t.pending else 0] += t.amount
-        if _keeps_totals(t.credit):
+        if t.credit in available:
             deltas.setdefault(t.credit, [0, 0, 0, 0])[3 if t.pending else 1] += t.amount
     await _add_totals(conn, deltas)
     return applied, refused
@@ -221,11 +229,12 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
         return set()
     pending_ids = [p for _, p in resolutions]
     # Lock the total-keeping accounts they touch, in id order, before changing their totals.
-    await conn.execute(
-        """SELECT 1 FROM ledger_accounts WHERE no_overdraft AND id IN (
+    locked = await conn.fetch(
+        """SELECT id FROM ledger_accounts WHERE no_overdraft AND id IN (
                SELECT debit_account FROM ledger_transfers WHERE id = ANY($1::text[])
                UNION SELECT credit_account FROM ledger_transfers WHERE id = ANY($1::text[]))
            ORDER BY id FOR UPDATE""", pending_ids)
+    keeps_totals = {r["id"] for r in locked}
     done = await conn.fetch(
         """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, pending_id, code, order_id, created_at)
            SELECT u.i, p.debit_account, p.credit_account, p.amount, $3, p.id, p.code, p.order_id, $4
@@ -235,11 +244,11 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
     deltas: dict[str, list[int]] = {}
     for r in done:
         amount = r["amount"]
-        if _keeps_totals(r["debit_account"]):
+        if r["debit_account"] in keeps_totals:
             d = deltas.setdefault(r["debit_account"], [0, 0, 0, 0])
             d[2] -= amount
             d[0] += amount if post else 0
-        if _keeps_totals(r["credit_account"]):
+        if r["credit_account"] in keeps_totals:
             d = deltas.setdefault(r["credit_account"], [0, 0, 0, 0])
             d[3] -= amount
             d[1] += amount if post else 0
@@ -248,9 +257,13 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
 
 
 async def account(conn: asyncpg.Connection | asyncpg.Pool, account_id: str) -> Account:
-    table = "ledger_accounts" if _keeps_totals(account_id) else "ledger_balances"
+    """An account's totals: kept on its row (no_overdraft), else derived from its transfers."""
     row = await conn.fetchrow(
-        f"SELECT id, debits_posted, credits_posted, debits_pending, credits_pending FROM {table} WHERE id = $1",
+        """SELECT id, debits_posted, credits_posted, debits_pending, credits_pending FROM ledger_accounts
+           WHERE id = $1 AND no_overdraft
+           UNION ALL
+           SELECT id, debits_posted, credits_posted, debits_pending, credits_pending FROM ledger_balances
+           WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM ledger_accounts WHERE id = $1 AND no_overdraft)""",
         account_id)
     return Account(**dict(row)) if row else Account(id=account_id)
 
@@ -267,7 +280,7 @@ async def check(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
     for r in rows:
         cached = (r["debits_posted"], r["credits_posted"], r["debits_pending"], r["credits_pending"])
         derived = (r["dp"], r["cp"], r["dq"], r["cq"])
-        if _keeps_totals(r["id"]) and cached != derived:
+        if r["no_overdraft"] and cached != derived:
             problems.append(f"account {r['id']}: running totals {cached} differ from its transfers {derived}")
         if r["no_overdraft"] and r["cp"] - r["dp"] - r["dq"] < 0:
             problems.append(f"account {r['id']} is overdrawn")

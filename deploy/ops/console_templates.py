@@ -141,7 +141,7 @@ USER = """{% extends "base" %}{% block title %}User {{ s.user_id }}{% endblock %
 <section id="wallet"><h2>Wallet</h2>{% if s.wallet %}<p>available <b>{{ '{:,}'.format(s.wallet.available) }} fen</b>, in flight {{ '{:,}'.format(s.wallet.pending) }} fen</p>
  <table><tr><th>at</th><th class="num">fen</th><th>code</th><th>kind</th><th>order</th></tr>
  {% for t in s.wallet.recent_transfers %}<tr><td class="at">{{ when(t.created_at) }}</td>
- <td class="num">{{ '-' if t.debit_account == 'wallet:' ~ s.user_id else '+' }}{{ '{:,}'.format(t.amount) }}</td><td>{{ t.code }}</td><td>{{ t.kind }}</td>
+ <td class="num">{{ '-' if t.debit_account == s.wallet.account else '+' }}{{ '{:,}'.format(t.amount) }}</td><td>{{ t.code }}</td><td>{{ t.kind }}</td>
  <td>{% if t.order_id %}<a href="/orders/{{ t.order_id|urlencode }}">{{ t.order_id }}</a>{% endif %}</td></tr>{% endfor %}</table>
  {% else %}<p class="muted">no wallet yet</p>{% endif %}</section>
 <section id="payments"><h2>Recent payments ({{ s.payments|length }})</h2><table><tr><th>accepted</th><th>order</th><th>role</th><th class="num">fen</th><th>method</th><th>status</th><th>saga</th></tr>

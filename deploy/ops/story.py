@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from deploy.ops.common import SERVICES, Databases, fen, operator_client, platform_now, short_time, url
+from services.gateway.accounts import wallet as wallet_account
 
 _POSTED = ("posted", "post_pending")
 # Gateway payment status -> escrow statuses that agree with it.
@@ -216,7 +217,7 @@ def _mask(value: Any) -> Any:
 
 
 async def user_story(user_id: str) -> dict[str, Any]:
-    wallet = f"wallet:{user_id}"
+    wallet = wallet_account(user_id)
     async with Databases() as db:
         user = (await db.fetch("gateway", "SELECT * FROM gateway.users WHERE user_id = $1", user_id) or [None])[0]
         if user:  # personal data: never shown in clear
@@ -267,7 +268,8 @@ async def user_story(user_id: str) -> dict[str, Any]:
             problems.append(f"Huabei reserved is {fen(huabei['reserved'])} but the open reservations add up to "
                             f"{fen(sum(r['amount'] for r in reservations))}")
     return {"user_id": user_id, "found": user is not None, "user": user,
-            "wallet": None if balance is None else {"available": available, "pending": balance["debits_pending"],
+            "wallet": None if balance is None else {"account": wallet, "available": available,
+                                                    "pending": balance["debits_pending"],
                                                     "recent_transfers": wallet_moves},
             "holds": holds, "payments": payments, "huabei": huabei, "reservations": reservations,
             "statements": statements, "repayments": repayments, "problems": problems}
@@ -308,7 +310,7 @@ def render_user(story: dict[str, Any]) -> str:
     w = story["wallet"]
     lines.append(f"\nWallet: available {fen(w['available'])}, in flight {fen(w['pending'])}" if w else "\nWallet: none yet")
     for t in (w or {}).get("recent_transfers", []):
-        sign = "-" if t["debit_account"] == f"wallet:{story['user_id']}" else "+"
+        sign = "-" if t["debit_account"] == wallet_account(story["user_id"]) else "+"
         lines.append(f"  {short_time(t['created_at'])}  {sign}{fen(t['amount']):<16} {t['code']:<12} {t['kind']:<12} {t['order_id'] or ''}")
     lines.append(f"\nHeld in escrow ({len(story['holds'])}):")
     lines += [f"  {h['order_id']} as {h['role']}: {fen(h['amount'])}, auto-confirm {short_time(h['auto_confirm_at']) or '-'}"

@@ -126,12 +126,14 @@ class Decision:
 
 NOTHING = Decision()
 
+# Ledger accounts of escrow (shared/ledger.py).
 GATEWAY = "gateway"                     # what escrow received from the gateway (debit-normal)
 FEE_REVENUE = "revenue:merchant_fee"
+HOLD_PREFIX = "hold:"                   # one per order: what escrow holds for it
 
 
 def hold_account(order_id: str) -> str:
-    return f"hold:{order_id}"
+    return f"{HOLD_PREFIX}{order_id}"
 
 
 def _transfers(*candidates: Transfer) -> tuple[Transfer, ...]:

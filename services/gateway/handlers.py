@@ -63,6 +63,7 @@ def _refund_key(refund_id: str | None) -> str:
 async def register_user(ctx: Context, conn: asyncpg.Connection, user: dict) -> tuple[Registration, dict]:
     now = ctx.clock.now()
     if await store.insert_user(conn, user, now):
+        await ledger.open_account(conn, wallet(user["user_id"]), no_overdraft=True)  # never overdrawn
         registered = UserRegistered(
             user_id=user["user_id"], birth_date=user["birth_date"], phone_hash=user["phone_hash"],
             phone_masked=user["phone_masked"], id_number_hash=user["id_number_hash"],

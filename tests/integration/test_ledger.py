@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from shared import db as dbmod, ledger
-from shared.ledger import InsufficientFunds
+from shared.ledger import InsufficientFunds, NewTransfer
 
 NOW = datetime(2026, 11, 25, tzinfo=timezone.utc)
 
@@ -19,6 +19,8 @@ async def conn(infra):
     pool = await dbmod.create_pool(infra.database_url, schema, min_size=1, max_size=2)
     await dbmod.migrate(pool, schema, [dbmod.RUNTIME_MIGRATIONS])
     async with pool.acquire() as c:
+        for wallet in ("wallet:a", "wallet:b"):  # as the gateway opens a user's wallet at registration
+            await ledger.open_account(c, wallet, no_overdraft=True)
         yield c
     await pool.close()
 
@@ -83,4 +85,26 @@ async def test_shared_accounts_keep_no_running_totals(conn):
     await ledger.post_pending(conn, "post", "pay", NOW)
     escrow = await ledger.account(conn, "escrow")
     assert (escrow.credits_posted, escrow.credits_pending, escrow.balance) == (300, 0, 300)
+    assert await ledger.check(conn) == []
+
+
+async def test_the_no_overdraft_flag_not_the_name_protects_an_account(conn):
+    await ledger.open_account(conn, "purse", no_overdraft=True)
+    await ledger.transfer(conn, "in", "bank", "purse", 500, code="topup", now=NOW)
+    with pytest.raises(InsufficientFunds):
+        await ledger.transfer(conn, "out", "purse", "escrow", 501, code="pay", now=NOW)
+    applied, refused = await ledger.transfer_many(conn, [NewTransfer("m1", "purse", "escrow", 300, "pay", pending=True),
+                                                         NewTransfer("m2", "purse", "escrow", 300, "pay", pending=True)],
+                                                  NOW, partial=True)
+    assert (applied, refused) == ({"m1"}, {"m2"})
+    assert (await ledger.account(conn, "purse")).available == 200
+    assert await ledger.resolve_many(conn, [("v1", "m1")], post=False, now=NOW) == {"m1"}
+    assert (await ledger.account(conn, "purse")).available == 500
+    # An account opened by its first transfer is ordinary, whatever its name: no totals, no check.
+    await ledger.transfer(conn, "neg", "wallet:unopened", "escrow", 10, code="pay", now=NOW)
+    assert (await ledger.account(conn, "wallet:unopened")).balance == -10
+    assert await conn.fetchval("SELECT no_overdraft FROM ledger_accounts WHERE id = 'wallet:unopened'") is False
+    await ledger.open_account(conn, "purse", no_overdraft=True)  # again: nothing changes
+    with pytest.raises(ValueError):
+        await ledger.open_account(conn, "purse")  # flags never change
     assert await ledger.check(conn) == []
