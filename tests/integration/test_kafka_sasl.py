@@ -9,6 +9,7 @@ ends them at start-up with the broker's reason, within seconds."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -239,6 +240,9 @@ async def test_a_service_and_the_risk_engine_start_with_credentials(broker, serv
         await asyncio.gather(_wait_healthy(escrow, f"http://127.0.0.1:{escrow_port}", "escrow"),
                              # healthy = faust's consumer joined its group and recovered its tables
                              _wait_healthy(risk, f"http://127.0.0.1:{risk_port}", "risk"))
+        # The engine's producer too: a request in, its decision out.
+        decision = await _risk_round_trip(broker.security(), broker.sasl)
+        assert decision["type"] == "RiskDecided" and decision["data"]["decision"] == "approve", decision
     finally:
         _stop(escrow)
         _stop(risk)
@@ -253,6 +257,41 @@ async def test_a_service_and_the_risk_engine_start_with_credentials(broker, serv
         await admin.close()
     assert {"escrow.commands", "escrow.commands.dlq", "risk.requests", f"{env['RISK_APP_ID']}-by-buyer"} <= existing
     assert any(t.endswith("-buyers-changelog") and t.startswith(env["RISK_APP_ID"]) for t in existing)
+
+
+async def _risk_round_trip(security: Security, bootstrap: str) -> dict:
+    from datetime import datetime, timezone
+
+    from shared import events
+    from shared.events import RiskCheckRequested
+
+    now = datetime.now(timezone.utc)
+    data = RiskCheckRequested(order_id=f"o-{uuid.uuid4().hex[:12]}", buyer_id=f"b-{uuid.uuid4().hex[:8]}",
+                              seller_id="s-sasl", amount=1_000, payment_method="balance", card_token=None,
+                              accepted_at=now, buyer_registered_at=None)
+    request = events.new_event(data, source="payment-gateway", occurred_at=now, correlation_id=data.order_id)
+    consumer = AIOKafkaConsumer("risk.decisions", **client_kwargs(bootstrap, security), auto_offset_reset="latest",
+                                group_id=f"g-sasl-{uuid.uuid4().hex[:8]}")
+    await consumer.start()
+    producer = make_producer(bootstrap, security)
+    await producer.start()
+    try:
+        while not consumer.assignment():  # positioned at the end before the request goes out
+            await consumer.getmany(timeout_ms=200)
+        for tp in consumer.assignment():
+            await consumer.position(tp)
+        await producer.send_and_wait("risk.requests", json.dumps(request).encode(), key=data.buyer_id.encode())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    value = json.loads(r.value)
+                    if value["data"]["order_id"] == data.order_id:
+                        return value
+        raise AssertionError("no decision from the risk engine within 30 s")
+    finally:
+        await producer.stop()
+        await consumer.stop()
 
 
 async def test_a_wrong_password_ends_services_at_start_up(broker, service_env, own_database, tmp_path):
