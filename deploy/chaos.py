@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import bisect
 import json
+import logging
 import os
 import random
 import signal
@@ -266,10 +267,19 @@ class Platform:
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True).stdout
         return [master] + [int(p) for p in children.split()]
 
-    def kill(self, part: str) -> int:
+    async def kill(self, part: str) -> int:
+        """SIGKILL, then until the process is gone (or a zombie waiting for init to reap it)."""
         pid = self.pid(part)
         os.kill(pid, signal.SIGKILL)
         self.log(f"SIGKILL {part} (pid {pid})")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (OSError, IndexError):
+                break
+            await asyncio.sleep(0.05)
         return pid
 
     def stop(self, part: str) -> list[int]:
@@ -556,12 +566,12 @@ class Chaos:
 
     async def inject(self, name: str) -> FaultResult:
         t, p = self.timing, self.platform
-        action, part = name.split("-", 1)
+        action, _, part = name.partition("-")
         start = self.now()
         detail, error = "", None
         try:
             if action == "kill":
-                pid = p.kill(part)
+                pid = await p.kill(part)
                 await asyncio.sleep(t.down)
                 end = self.now()
                 took = await p.up()
@@ -577,7 +587,7 @@ class Chaos:
             elif action == "loop":
                 ups = []
                 for _ in range(t.loops):
-                    p.kill(part)
+                    await p.kill(part)
                     ups.append(await p.up())
                     await asyncio.sleep(t.loop_interval)
                 end = self.now() - t.loop_interval
@@ -637,12 +647,17 @@ class Chaos:
         while True:
             found = []
             for user in users:
-                got = (await self.http["gateway"].get(f"/v1/wallets/{user}")).json()["available"]
-                if got != wallets.get(user, 0):
+                response = await self.http["gateway"].get(f"/v1/wallets/{user}")
+                if response.status_code != 200:
+                    found.append(f"{user}: GET wallet answered {response.status_code} {response.text[:100]}")
+                elif (got := response.json()["available"]) != wallets.get(user, 0):
                     found.append(f"{user}: wallet holds {got} fen, its outcomes say {wallets.get(user, 0)} fen")
             for user in huabei_users:
-                account = (await self.http["credit"].get(f"/v1/huabei/{user}")).json()
-                found += credit_line_problems(user, account, used.get(user, 0))
+                response = await self.http["credit"].get(f"/v1/huabei/{user}")
+                if response.status_code != 200:
+                    found.append(f"{user}: GET Huabei account answered {response.status_code} {response.text[:100]}")
+                else:
+                    found += credit_line_problems(user, response.json(), used.get(user, 0))
             if not found or time.monotonic() > deadline:
                 return problems + found
             await asyncio.sleep(2)
@@ -764,6 +779,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # not a warning per retried produce while Kafka is away
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
