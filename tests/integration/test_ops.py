@@ -44,7 +44,7 @@ async def test_order_story_shows_every_service_and_no_problem(shop, ops_env):
     assert s["status"]["gateway"]["status"] == "RELEASED"
     summaries = [(e["service"], e["kind"], e["summary"]) for e in s["timeline"]]
     assert ("gateway", "received", "OrderPlaced received (applied)") in summaries
-    assert ("gateway", "received", "OrderConfirmed received (applied)") in summaries
+    assert ("gateway", "received", "OrderConfirmed received (forwarded)") in summaries
     published = [x[2].split(" ->")[0] for x in summaries if x[1] == "published"]
     for t in ("RiskCheckRequested", "HoldFunds", "FundsHeld", "PaymentSucceeded", "ReleaseFunds", "FundsReleased"):
         assert t in published, (t, published)
