@@ -15,15 +15,13 @@ from datetime import datetime, timedelta
 import asyncpg
 import structlog
 
-from services.gateway import domain, store
-from services.gateway.domain import PaymentStatus, Registration, Route, SagaState
+from services.gateway import domain, saga, store
+from services.gateway.domain import Registration, Route, SagaState
 from services.gateway.bank import ChargeResult
 from shared import events, ledger, metrics, outbox, timers, topics
-from shared.events import (ApplyRepayment, CardDeclined, PaymentAbandoned, RiskCheckRequested, RiskDecided, OverpaymentRefunded, RepaymentAllocated, CancelCredit, CancelOrder, ClawbackRequested, ClawbackSettled, CommitCredit, ConfirmOrder,
-                           CreditRefused, CreditReserved, EscrowRefunded, ReserveCredit, RestoreCredit,
-                           EscrowRefundRejected, EscrowReleased, Envelope, FundsHeld, FundsReleased, HoldFunds,
-                           HoldRefused, OrderPlaced, PaymentFailed,
-                           PaymentSucceeded, RefundCompleted, RefundOrder, RefundRejected, RefundRequested, ShipOrder,
+from shared.events import (ApplyRepayment, ClawbackRequested, CreditRefused, CreditReserved, Envelope, EscrowRefunded,
+                           EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced,
+                           OverpaymentRefunded, RefundRejected, RefundRequested, RepaymentAllocated, RiskDecided,
                            UserRegistered)
 from shared.ledger import InsufficientFunds
 from shared.runtime import Context
@@ -32,31 +30,13 @@ SOURCE = "payment-gateway"
 log = structlog.get_logger("gateway")
 
 
-def wallet(user_id: str) -> str:
-    return f"wallet:{user_id}"
+wallet = saga.wallet
 
 
 async def _publish(ctx: Context, conn: asyncpg.Connection, data, *, order_id: str, cause: str | None) -> None:
     """A public payments.events outcome."""
     await outbox.add(conn, topics.PAYMENTS, order_id, events.new_event(
         data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=order_id, causation_id=cause))
-
-
-async def _command(ctx: Context, conn: asyncpg.Connection, topic: str, data, *, cause: str | None) -> None:
-    await outbox.add(conn, topic, data.order_id, events.new_event(
-        data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=data.order_id, causation_id=cause))
-
-
-async def _command_escrow(ctx: Context, conn: asyncpg.Connection, data, *, cause: str | None) -> None:
-    await _command(ctx, conn, topics.ESCROW_COMMANDS, data, cause=cause)
-
-
-async def _command_credit(ctx: Context, conn: asyncpg.Connection, data, *, cause: str | None) -> None:
-    await _command(ctx, conn, topics.CREDIT_COMMANDS, data, cause=cause)
-
-
-def _refund_key(refund_id: str | None) -> str:
-    return f"r:{refund_id}" if refund_id else "cancel"
 
 
 # ---------------------------------------------------------------- users
@@ -200,8 +180,9 @@ async def _route(ctx: Context, conn: asyncpg.Connection, event_type: str, payloa
     route = domain.route_order_event(event_type, SagaState(payment["saga_state"]) if payment else None)
     if route in (Route.FORWARD, Route.CANCEL_IN_FLIGHT):
         await _forward(ctx, conn, event_type, payload, cause=cause)
-    if route is Route.CANCEL_IN_FLIGHT:
-        await store.update_payment(conn, order_id, ctx.clock.now(), cancel_requested=True)
+    if route is Route.CANCEL_IN_FLIGHT:  # the saga stops where it can (saga.CancelRequested)
+        p, event = saga.Payment.from_row(payment), saga.CancelRequested()
+        await apply(ctx, conn, p, saga.decide(p, event, ctx.clock.now(), ctx.deps.rules), event, cause=cause)
     if route in (Route.REJECT_UNKNOWN_ORDER, Route.REJECT_NOT_PAID):
         code = "UNKNOWN_ORDER" if route is Route.REJECT_UNKNOWN_ORDER else "NOT_PAID"
         await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=payload.get("refund_id"),
@@ -240,462 +221,279 @@ async def parked_expiry_loop(ctx: Context) -> None:
 
 
 async def _forward(ctx: Context, conn: asyncpg.Connection, event_type: str, data: dict, *, cause: str) -> None:
-    order_id = data["order_id"]
-    command = {
-        "OrderShipped": lambda: ShipOrder(order_id=order_id),
-        "OrderConfirmed": lambda: ConfirmOrder(order_id=order_id),
-        "OrderCancelled": lambda: CancelOrder(order_id=order_id, reason=data["reason"]),
-        "RefundRequested": lambda: RefundOrder(order_id=order_id, refund_id=data["refund_id"], amount=data["amount"],
-                                               reason=data["reason"]),
-    }[event_type]()
-    await _command_escrow(ctx, conn, command, cause=cause)
+    command = saga.forward_command(event_type, data)
+    await outbox.add(conn, topics.ESCROW_COMMANDS, command.order_id, events.new_event(
+        command, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=command.order_id, causation_id=cause))
 
 
 # ---------------------------------------------------------------- the payment saga
+# The rules are services/gateway/saga.py (pure): each handler below loads the payment, asks
+# saga.decide and applies the decision here, in one place.
+async def apply(ctx: Context, conn: asyncpg.Connection, p: saga.Payment, decision: saga.Decision, event, *,
+                cause: str | None) -> saga.Decision:
+    """Apply what the core decided for payment `p` (in the caller's transaction, under the
+    payment's row lock): ledger transfers first (a wallet that cannot pay refuses the first one
+    and changes nothing; then the core decides `Short(event)` instead), bank calls, the new
+    state, the outbox, and the kept upstream events. Returns the decision applied."""
+    now = ctx.clock.now()
+    try:
+        await _apply_ledger(conn, p.order_id, decision.ledger, now)
+    except InsufficientFunds:
+        debit = next(t.debit for t in decision.ledger if isinstance(t, saga.Transfer))
+        available = (await ledger.account(conn, debit)).available
+        decision = saga.decide(p, saga.Short(event, available), now, ctx.deps.rules)
+        await _apply_ledger(conn, p.order_id, decision.ledger, now)
+    for call in decision.bank:
+        await _bank(ctx, call)
+    if decision.payment is not None:
+        changed = saga.changes(p, decision.payment)
+        if changed:
+            await store.update_payment(conn, p.order_id, now, **changed)
+    await _emit(ctx, conn, decision.emit, cause=cause, now=now)
+    if decision.kept is not None:
+        await _settle_kept(ctx, conn, p.order_id, decision.kept, cause=cause)
+    return decision
+
+
+async def _apply_ledger(conn: asyncpg.Connection, order_id: str, intents, now: datetime) -> None:
+    for t in intents:
+        if isinstance(t, saga.Resolve):
+            await (ledger.post_pending if t.post else ledger.void_pending)(conn, t.id, t.pending_id, now)
+        else:
+            await ledger.transfer(conn, t.id, t.debit, t.credit, t.amount, code=t.code, order_id=order_id, now=now,
+                                  pending=t.pending)
+
+
+async def _bank(ctx: Context, call: saga.Bank) -> None:
+    bank = ctx.deps.bank
+    if call.op == "capture":
+        await bank.capture(call.request_id, call.amount)
+    elif call.op == "void":
+        await bank.void(call.request_id)
+    else:
+        await bank.refund(call.request_id, call.charge_id, call.amount)
+
+
+def _envelope(ctx: Context, e: saga.Emit, cause: str | None, now: datetime) -> dict:
+    order_id = getattr(e.data, "order_id", None)
+    return events.new_event(e.data, source=SOURCE, occurred_at=now, correlation_id=order_id, causation_id=cause)
+
+
+async def _emit(ctx: Context, conn: asyncpg.Connection, emits, *, cause: str | None, now: datetime) -> None:
+    if len(emits) == 1:
+        await outbox.add(conn, emits[0].topic, emits[0].key, _envelope(ctx, emits[0], cause, now))
+    elif emits:
+        await outbox.add_many(conn, [(e.topic, e.key, _envelope(ctx, e, cause, now)) for e in emits])
+
+
+async def _settle_kept(ctx: Context, conn: asyncpg.Connection, order_id: str, kept: saga.Kept, *,
+                       cause: str | None) -> None:
+    """Upstream events kept while the payment was in flight: forwarded once it succeeded, or
+    answered (saga.kept_outcomes) once it failed."""
+    if kept.failed_reason is None:
+        for event in await store.take_events(conn, order_id, "pending", "forwarded"):
+            await _forward(ctx, conn, event["type"], event["data"], cause=event["event_id"])
+        return
+    cancels = await store.take_events(conn, order_id, "cancel_in_flight", "rejected")
+    pending = await store.take_events(conn, order_id, "pending", "rejected")
+    for event, by in saga.kept_outcomes(kept.failed_reason, cancels, pending):
+        await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=event["data"].get("refund_id"),
+                                                 reason_code="NOT_PAID"),
+                       order_id=order_id, cause=cause if by == "payment" else event["event_id"])
+
+
+async def _decide(ctx: Context, conn: asyncpg.Connection, order_id: str, event, *, cause: str | None) -> None:
+    """The one-by-one path of a consumed saga event: lock, decide, apply."""
+    row = await store.lock_payment(conn, order_id)
+    if row is None:
+        log.info("event for an unknown payment; ignored", order_id=order_id, event_type=type(event).__name__)
+        return
+    p = saga.Payment.from_row(row)
+    await apply(ctx, conn, p, saga.decide(p, event, ctx.clock.now(), ctx.deps.rules), event, cause=cause)
+
+
 async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, order: OrderPlaced) -> None:
     now = ctx.clock.now()
-    if not await store.insert_payment(conn, env.event_id, order, f"pay_{order.order_id}", now):
-        # docs/contract.md §3: the same order_id from a different event is refused and changes nothing.
-        await _publish(ctx, conn, PaymentFailed(order_id=order.order_id, reason_code="DUPLICATE_ORDER",
-                                                message=f"order {order.order_id} was already placed by another event"),
-                       order_id=order.order_id, cause=env.event_id)
+    p = saga.Payment.new(order, env.event_id, now)
+    if not await store.insert_payment(conn, env.event_id, order, p.payment_id, now):
+        await _emit(ctx, conn, saga.duplicate_order(order).emit, cause=env.event_id, now=now)
         return
-    payment = await store.lock_payment(conn, order.order_id)
     known = await store.registered_at(conn, order.buyer_id, order.seller_id)
-    failure = domain.validation_failure(buyer_known=order.buyer_id in known, seller_known=order.seller_id in known,
-                                        method=order.payment_method)
-    if failure:
-        await _fail(ctx, conn, payment, *failure, cause=env.event_id)
-    elif ctx.deps.rules.risk_enabled:
-        await _ask_risk(ctx, conn, payment, known[order.buyer_id], cause=env.event_id)
-    else:
-        await _fund(ctx, conn, payment, cause=env.event_id)
+    placed = saga.Placed(buyer_registered_at=known.get(order.buyer_id), seller_known=order.seller_id in known)
+    await apply(ctx, conn, p, saga.decide(p, placed, now, ctx.deps.rules), placed, cause=env.event_id)
     await release_parked(ctx, conn, [order.order_id])
 
 
-async def _ask_risk(ctx: Context, conn: asyncpg.Connection, payment: dict, buyer_registered_at: datetime, *,
-                    cause: str | None) -> None:
-    """The risk engine decides before any money moves; its deadline is the saga's timer."""
-    now = ctx.clock.now()
-    request = RiskCheckRequested(
-        order_id=payment["order_id"], buyer_id=payment["buyer_id"], seller_id=payment["seller_id"],
-        amount=payment["amount"], payment_method=payment["payment_method"], card_token=payment["card_token"],
-        accepted_at=payment["accepted_at"], buyer_registered_at=buyer_registered_at)
-    await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
-        request, source=SOURCE, occurred_at=now, correlation_id=payment["order_id"], causation_id=cause))
-    deadline = now + timedelta(seconds=ctx.deps.rules.risk_timeout_seconds)
-    await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.RISK_CHECK.value,
-                               next_action_at=deadline, deadline_at=deadline)
-
-
-async def _fund(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
-    """Move the buyer's money toward escrow: wallet (two-phase), Huabei (try) or card (worker)."""
-    now = ctx.clock.now()
-    order_id, method = payment["order_id"], payment["payment_method"]
-    if method == "balance":
-        try:
-            # Two-phase: reserved now, posted when escrow holds it, voided if the saga compensates.
-            await ledger.transfer(conn, f"payment:{order_id}", wallet(payment["buyer_id"]), "escrow", payment["amount"],
-                                  code="payment", order_id=order_id, now=now, pending=True)
-        except InsufficientFunds:
-            available = await wallet_available(conn, payment["buyer_id"])
-            await _fail(ctx, conn, payment, "INSUFFICIENT_BALANCE",
-                        f"the wallet has {available} fen available, the order needs {payment['amount']} fen",
-                        cause=cause)
-            return
-        await _start_holding(ctx, conn, payment, cause=cause)
-    elif method == "huabei":
-        # Try: the credit service reserves the drawdown; confirmed once escrow holds the money.
-        await _command_credit(ctx, conn, _reserve_command(payment), cause=cause)
-        await store.update_payment(conn, order_id, now, saga_state=SagaState.RESERVING.value,
-                                   next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds))
-    else:  # bank_card: the saga worker charges the card, outside this consumer's batch
-        await store.update_payment(conn, order_id, now, saga_state=SagaState.FUNDING.value, next_action_at=now,
-                                   deadline_at=now + timedelta(seconds=ctx.deps.rules.channel_timeout_seconds))
-
-
-async def apply_risk_decision(ctx: Context, conn: asyncpg.Connection, payment: dict, decision: str, rules: list[str],
-                              message: str, *, cause: str | None) -> None:
-    """approve -> fund; reject -> RISK_REJECTED; review -> wait for an operator (or the deadline)."""
-    now = ctx.clock.now()
-    await store.update_payment(conn, payment["order_id"], now, risk_decision=decision, risk_rules=rules,
-                               risk_message=message)
-    if decision == "approve":
-        await _fund(ctx, conn, payment, cause=cause)
-    elif decision == "reject":
-        await _fail(ctx, conn, payment, "RISK_REJECTED", message, cause=cause)
-    else:
-        deadline = now + timedelta(seconds=ctx.deps.rules.review_timeout_seconds)
-        await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.REVIEW.value,
-                                   next_action_at=deadline, deadline_at=deadline)
-
-
 async def risk_decided(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: RiskDecided) -> None:
-    payment = await store.lock_payment(conn, e.order_id)
-    if payment is None or payment["saga_state"] != SagaState.RISK_CHECK.value:
-        return  # late (the fallback decided) or repeated
-    await apply_risk_decision(ctx, conn, payment, e.decision, list(e.rules), e.message, cause=env.event_id)
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def review_decided(ctx: Context, conn: asyncpg.Connection, order_id: str, approve: bool) -> bool:
     """An operator's decision on a payment held for review; False when it is not in review."""
-    payment = await store.lock_payment(conn, order_id)
-    if payment is None or payment["saga_state"] != SagaState.REVIEW.value:
+    row = await store.lock_payment(conn, order_id)
+    if row is None:
         return False
-    rules = list(payment["risk_rules"] or [])
-    if approve:
-        await apply_risk_decision(ctx, conn, payment, "approve", rules, "approved by an operator after review",
-                                  cause=None)
-    else:
-        await apply_risk_decision(ctx, conn, payment, "reject", rules,
-                                  f"rejected by an operator after review ({', '.join(rules)})", cause=None)
+    p = saga.Payment.from_row(row)
+    event = saga.ReviewDecided(approve)
+    decision = saga.decide(p, event, ctx.clock.now(), ctx.deps.rules)
+    if decision.changes_nothing:
+        return False
+    await apply(ctx, conn, p, decision, event, cause=None)
     return True
 
 
-async def _start_holding(ctx: Context, conn: asyncpg.Connection, payment: dict, *, cause: str | None) -> None:
-    now = ctx.clock.now()
-    await _command_escrow(ctx, conn, _hold_command(payment), cause=cause)
-    await store.update_payment(conn, payment["order_id"], now, saga_state=SagaState.HOLDING.value,
-                               next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds),
-                               attempts=payment["attempts"] + 1)
+async def saga_step(ctx: Context, conn: asyncpg.Connection, row: dict) -> None:
+    """The saga worker's look at one due payment; a card is authorized first when the core says so."""
+    p = saga.Payment.from_row(row)
+    card = None
+    if saga.charges_card(p):
+        card = await ctx.deps.bank.authorize(f"charge:{p.order_id}", p.card_token, p.amount)
+    if p.state in (SagaState.RESERVING, SagaState.HOLDING):
+        log.warning("no answer yet; re-sending the command", order_id=p.order_id, saga_state=p.state.value,
+                    attempts=p.attempts)
+    event = saga.Due(card)
+    await apply(ctx, conn, p, saga.decide(p, event, ctx.clock.now(), ctx.deps.rules), event, cause=None)
 
 
-def _reserve_command(p: dict) -> ReserveCredit:
-    return ReserveCredit(order_id=p["order_id"], user_id=p["buyer_id"], amount=p["amount"],
-                         installments=p["installments"])
-
-
-def _hold_command(p: dict) -> HoldFunds:
-    return HoldFunds(order_id=p["order_id"], payment_id=p["payment_id"], buyer_id=p["buyer_id"],
-                     seller_id=p["seller_id"], amount=p["amount"], payment_method=p["payment_method"],
-                     installments=p["installments"], auto_confirm_days=p["auto_confirm_days"])
-
-
-async def _fail(ctx: Context, conn: asyncpg.Connection, payment: dict, reason_code: str, message: str, *,
-                cause: str | None) -> None:
-    """End the saga in FAILED (compensation already done) and give kept events their outcome."""
-    order_id = payment["order_id"]
-    now = ctx.clock.now()
-    await store.update_payment(conn, order_id, now, status=PaymentStatus.FAILED.value, saga_state=SagaState.FAILED.value,
-                               reason_code=reason_code, message=message, next_action_at=None)
-    await _publish(ctx, conn, PaymentFailed(order_id=order_id, reason_code=reason_code, message=message),
-                   order_id=order_id, cause=cause)
-    if ctx.deps.rules.risk_enabled and domain.counted_by_risk_engine(reason_code, payment["risk_decision"]):
-        abandoned = PaymentAbandoned(order_id=order_id, buyer_id=payment["buyer_id"], amount=payment["amount"],
-                                     card_token=payment["card_token"], accepted_at=payment["accepted_at"])
-        await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
-            abandoned, source=SOURCE, occurred_at=now, correlation_id=order_id, causation_id=cause))
-    # A cancel that stopped the payment has PaymentFailed ORDER_CANCELLED as its outcome; any
-    # other cancel or refund of an unpaid order is rejected as NOT_PAID.
-    in_flight_cancels = await store.take_events(conn, order_id, "cancel_in_flight", "rejected")
-    if reason_code != "ORDER_CANCELLED":
-        for _ in in_flight_cancels:
-            await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=None, reason_code="NOT_PAID"),
-                           order_id=order_id, cause=cause)
-    for kept in await store.take_events(conn, order_id, "pending", "rejected"):
-        if domain.outcome_for_kept_event(kept["type"], reason_code) is Route.REJECT_NOT_PAID:
-            await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=kept["data"].get("refund_id"),
-                                                     reason_code="NOT_PAID"), order_id=order_id, cause=kept["event_id"])
-
-
-async def saga_step(ctx: Context, conn: asyncpg.Connection, payment: dict) -> None:
-    """The saga worker's look at one due payment: charge the card, time out, or re-send the hold."""
-    now = ctx.clock.now()
-    order_id = payment["order_id"]
-    state = SagaState(payment["saga_state"])
-    rules = ctx.deps.rules
-    if state is SagaState.RISK_CHECK:
-        # The engine is down or slow: the documented fallback keeps the saga moving.
-        decision = domain.risk_fallback(payment["amount"], rules)
-        await apply_risk_decision(
-            ctx, conn, payment, decision, ["risk_engine_timeout"],
-            f"risk engine did not answer within {rules.risk_timeout_seconds} s: fallback "
-            f"{'approves' if decision == 'approve' else 'rejects'} amounts "
-            f"{'up to' if decision == 'approve' else 'above'} {rules.risk_fallback_approve_max} fen", cause=None)
-        return
-    if state is SagaState.REVIEW:
-        await apply_risk_decision(ctx, conn, payment, "reject", list(payment["risk_rules"] or []),
-                                  f"review not decided within {rules.review_timeout_seconds} s", cause=None)
-        return
-    if state is SagaState.RESERVING:
-        log.warning("credit has not answered the reservation; re-sending", order_id=order_id)
-        await _command_credit(ctx, conn, _reserve_command(payment), cause=None)
-        await store.update_payment(conn, order_id, now, attempts=payment["attempts"] + 1,
-                                   next_action_at=now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds))
-        return
-    if state is SagaState.HOLDING:
-        # No answer from escrow yet: HoldFunds is idempotent, send it again.
-        log.warning("escrow has not answered the hold; re-sending", order_id=order_id, attempts=payment["attempts"])
-        await _start_holding(ctx, conn, payment, cause=None)
-        return
-    bank = ctx.deps.bank
-    charge_id = f"charge:{order_id}"
-    if payment["cancel_requested"]:
-        await bank.void(charge_id)
-        await _fail(ctx, conn, payment, "ORDER_CANCELLED", "the order was cancelled before it was paid", cause=None)
-        return
-    result = await bank.authorize(charge_id, payment["card_token"], payment["amount"])
-    if result is ChargeResult.APPROVED:
-        # Authorized only: captured once escrow holds the order, voided if the saga compensates.
-        await _start_holding(ctx, conn, payment, cause=None)
-    elif result is ChargeResult.DECLINED:
-        await _fail(ctx, conn, payment, "CARD_DECLINED", "the bank declined the card", cause=None)
-        if rules.risk_enabled:  # the risk engine counts declines per card
-            declined = CardDeclined(order_id=order_id, buyer_id=payment["buyer_id"], card_token=payment["card_token"],
-                                    declined_at=now)
-            await outbox.add(conn, topics.RISK_REQUESTS, payment["buyer_id"], events.new_event(
-                declined, source=SOURCE, occurred_at=now, correlation_id=order_id))
-    elif now >= payment["deadline_at"]:
-        await bank.void(charge_id)  # whatever the channel may still do, nothing is charged
-        await _fail(ctx, conn, payment, "CHANNEL_TIMEOUT",
-                    f"the bank channel did not answer within {ctx.deps.rules.channel_timeout_seconds} s", cause=None)
-    else:
-        await store.update_payment(conn, order_id, now, attempts=payment["attempts"] + 1,
-                                   next_action_at=min(now + timedelta(seconds=1), payment["deadline_at"]))
-
-
-async def _compensate_funding(ctx: Context, conn: asyncpg.Connection, payment: dict) -> None:
-    order_id, now = payment["order_id"], ctx.clock.now()
-    if payment["payment_method"] == "balance":
-        await ledger.void_pending(conn, f"payment-void:{order_id}", f"payment:{order_id}", now)
-    elif payment["payment_method"] == "huabei":
-        await ledger.transfer(conn, f"huabei-return:{order_id}", "escrow", "lender", payment["amount"],
-                              code="huabei_cancel", order_id=order_id, now=now)
-        await _command_credit(ctx, conn, CancelCredit(order_id=order_id), cause=None)
-    else:  # bank_card: authorized, never captured
-        await ctx.deps.bank.void(f"charge:{order_id}")
-
-
-# ---------------------------------------------------------------- escrow's answers
+# ---------------------------------------------------------------- escrow's and credit's answers
 async def funds_held(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: FundsHeld) -> None:
-    payment = await store.lock_payment(conn, e.order_id)
-    if payment is None or payment["saga_state"] != SagaState.HOLDING.value:
-        return  # the answer to a re-sent hold: already applied
-    now = ctx.clock.now()
-    if payment["payment_method"] == "balance":
-        await ledger.post_pending(conn, f"payment-post:{e.order_id}", f"payment:{e.order_id}", now)
-    elif payment["payment_method"] == "bank_card":
-        charge_id = f"charge:{e.order_id}"
-        await ctx.deps.bank.capture(charge_id, payment["amount"])
-        await ledger.transfer(conn, charge_id, "bank", "escrow", payment["amount"], code="card_payment",
-                              order_id=e.order_id, now=now)
-    elif payment["payment_method"] == "huabei":
-        await _command_credit(ctx, conn, CommitCredit(order_id=e.order_id), cause=env.event_id)  # confirm
-    await store.update_payment(conn, e.order_id, now, status=PaymentStatus.HELD.value,
-                               saga_state=SagaState.COMPLETED.value, next_action_at=None)
-    await _publish(ctx, conn, PaymentSucceeded(
-        order_id=e.order_id, payment_id=payment["payment_id"], buyer_id=payment["buyer_id"],
-        seller_id=payment["seller_id"], amount=payment["amount"], payment_method=payment["payment_method"],
-        installments=payment["installments"]), order_id=e.order_id, cause=env.event_id)
-    for kept in await store.take_events(conn, e.order_id, "pending", "forwarded"):
-        await _forward(ctx, conn, kept["type"], kept["data"], cause=kept["event_id"])
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def hold_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: HoldRefused) -> None:
-    payment = await store.lock_payment(conn, e.order_id)
-    if payment is None or payment["saga_state"] != SagaState.HOLDING.value:
-        return
-    await _compensate_funding(ctx, conn, payment)
-    await _fail(ctx, conn, payment, e.reason_code, e.message, cause=env.event_id)
-
-
-async def _set_status(ctx: Context, conn: asyncpg.Connection, order_id: str, **changes) -> dict:
-    await store.update_payment(conn, order_id, ctx.clock.now(), **changes)
-    p = await store.get_payment(conn, order_id)
-    status = domain.payment_status(amount=p["amount"], failed=False, held=True,
-                                   released=p["released_gross"] is not None, refunded=p["refunded"])
-    await store.update_payment(conn, order_id, ctx.clock.now(), status=status.value)
-    return p
-
-
-def _refund_account(payment_method: str, buyer_id: str) -> str:
-    """Refunds go back the way the money came: the wallet, the card (bank) or the lender."""
-    return {"bank_card": "bank", "huabei": "lender"}.get(payment_method, wallet(buyer_id))
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def escrow_released(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowReleased) -> None:
-    await store.lock_payment(conn, e.order_id)
-    if e.net_amount:
-        await ledger.transfer(conn, f"release:{e.order_id}", "escrow", wallet(e.seller_id), e.net_amount,
-                              code="release", order_id=e.order_id, now=ctx.clock.now())
-    await _set_status(ctx, conn, e.order_id, released_gross=e.gross_amount, fee_amount=e.fee_amount,
-                      net_amount=e.net_amount)
-    await _publish(ctx, conn, FundsReleased(
-        order_id=e.order_id, seller_id=e.seller_id, gross_amount=e.gross_amount, fee_amount=e.fee_amount,
-        net_amount=e.net_amount, trigger=e.trigger), order_id=e.order_id, cause=env.event_id)
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def escrow_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowRefunded) -> None:
-    """Refunded from the hold: back the way the money came."""
-    payment = await store.lock_payment(conn, e.order_id)
-    # A cancel's refund has no refund_id; its own id space keeps it apart from a refund named "cancel".
-    transfer_id = f"refund:{e.order_id}:{e.refund_id}" if e.refund_id else f"cancel-refund:{e.order_id}"
-    if e.payment_method == "bank_card":
-        await ctx.deps.bank.refund(transfer_id, f"charge:{e.order_id}", e.amount)
-    await ledger.transfer(conn, transfer_id, "escrow", _refund_account(e.payment_method, e.buyer_id), e.amount,
-                          code="refund", order_id=e.order_id, now=ctx.clock.now())
-    if e.payment_method == "huabei":
-        await _command_credit(ctx, conn, RestoreCredit(order_id=e.order_id, user_id=e.buyer_id, amount=e.amount,
-                                                       refund_key=_refund_key(e.refund_id)), cause=env.event_id)
-    await _set_status(ctx, conn, e.order_id, refunded=payment["refunded"] + e.amount)
-    await _publish(ctx, conn, RefundCompleted(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
-                                              payment_method=e.payment_method), order_id=e.order_id, cause=env.event_id)
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def clawback_requested(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: ClawbackRequested) -> None:
-    """A refund after release: from the seller's wallet back the way the money came, or rejected."""
-    payment = await store.lock_payment(conn, e.order_id)
-    transfer_id = f"clawback:{e.order_id}:{e.refund_id}"
-    try:
-        await ledger.transfer(conn, transfer_id, wallet(e.seller_id), _refund_account(e.payment_method, e.buyer_id),
-                              e.amount, code="clawback", order_id=e.order_id, now=ctx.clock.now())
-        ok = True
-    except InsufficientFunds:
-        ok = False
-    if ok:
-        if e.payment_method == "bank_card":
-            await ctx.deps.bank.refund(transfer_id, f"charge:{e.order_id}", e.amount)
-        if e.payment_method == "huabei":
-            await _command_credit(ctx, conn, RestoreCredit(order_id=e.order_id, user_id=e.buyer_id, amount=e.amount,
-                                                           refund_key=_refund_key(e.refund_id)), cause=env.event_id)
-        await _set_status(ctx, conn, e.order_id, refunded=payment["refunded"] + e.amount)
-        outcome = RefundCompleted(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
-                                  payment_method=e.payment_method)
-    else:
-        outcome = RefundRejected(order_id=e.order_id, refund_id=e.refund_id, reason_code="SELLER_INSUFFICIENT_FUNDS")
-    await _publish(ctx, conn, outcome, order_id=e.order_id, cause=env.event_id)
-    await _command_escrow(ctx, conn, ClawbackSettled(order_id=e.order_id, refund_id=e.refund_id, amount=e.amount,
-                                                     ok=ok), cause=env.event_id)
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
-# ---------------------------------------------------------------- credit's answers
 async def credit_reserved(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditReserved) -> None:
-    payment = await store.lock_payment(conn, e.order_id)
-    if payment is None or payment["saga_state"] != SagaState.RESERVING.value:
-        return  # the answer to a re-sent reservation: already applied
-    await ledger.transfer(conn, f"huabei:{e.order_id}", "lender", "escrow", payment["amount"], code="huabei_payment",
-                          order_id=e.order_id, now=ctx.clock.now())
-    await _start_holding(ctx, conn, payment, cause=env.event_id)
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def credit_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditRefused) -> None:
-    payment = await store.lock_payment(conn, e.order_id)
-    if payment is None or payment["saga_state"] != SagaState.RESERVING.value:
-        return
-    await _fail(ctx, conn, payment, e.reason_code, e.message, cause=env.event_id)
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
 async def escrow_refund_rejected(ctx: Context, conn: asyncpg.Connection, env: Envelope,
                                  e: EscrowRefundRejected) -> None:
-    await _publish(ctx, conn, RefundRejected(order_id=e.order_id, refund_id=e.refund_id, reason_code=e.reason_code),
-                   order_id=e.order_id, cause=env.event_id)
+    await _emit(ctx, conn, saga.refund_rejected(e).emit, cause=env.event_id, now=ctx.clock.now())
 
 
 # ---------------------------------------------------------------- the hot path, as sets
-# The consumer hands each run of OrderPlaced, RiskDecided or FundsHeld to these first. They do
-# for hundreds of orders in a few statements exactly what the one-by-one handlers above do in
-# the usual case, and return the records that are not the usual case (unknown users, a duplicate
-# order id, a card or Huabei payment, a short wallet, a late answer, ...) to those handlers.
+# The consumer hands each run of OrderPlaced, RiskDecided or FundsHeld to these first. They ask
+# the same core (saga.decide) for every record, and apply the usual decisions for hundreds of
+# orders in a few statements; the records whose decisions are not the usual case (unknown
+# users, a duplicate order id, a card payment, a short wallet, ...) go back to the one-by-one
+# handlers above.
 Batch = list[tuple[Envelope, object]]
+_INSERTED = {"saga_state", "status", "next_action_at", "deadline_at"}  # what store.insert_payments writes
 
 
 async def orders_placed(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
-    """New orders of known users: a payment row waiting for the risk engine, and its request."""
+    """New orders of known users whose decision only sets the state and emits (the risk
+    request, or with risk control off a credit reservation or a card charge to come)."""
     rules = ctx.deps.rules
-    if not rules.risk_enabled:
-        return items
     now = ctx.clock.now()
     known = await store.registered_at(conn, *{u for _, o in items for u in (o.buyer_id, o.seller_id)})
-    fast = [(env, o) for env, o in items
-            if domain.validation_failure(buyer_known=o.buyer_id in known, seller_known=o.seller_id in known,
-                                         method=o.payment_method) is None]
+    fast = []
+    for env, o in items:
+        p = saga.Payment.new(o, env.event_id, now)
+        d = saga.decide(p, saga.Placed(buyer_registered_at=known.get(o.buyer_id), seller_known=o.seller_id in known),
+                        now, rules)
+        if (d.payment is not None and not d.ledger and not d.bank and d.kept is None
+                and saga.changes(p, d.payment).keys() <= _INSERTED):
+            fast.append((env, o, d))
     if not fast:
         return items
     await store.record_order_events(
-        conn, [(env.event_id, o.order_id, env.type, o.model_dump(mode="json"), "applied") for env, o in fast], now)
-    deadline = now + timedelta(seconds=rules.risk_timeout_seconds)
-    inserted = await store.insert_payments(conn, [(env.event_id, o, f"pay_{o.order_id}") for env, o in fast], now,
-                                           saga_state=SagaState.RISK_CHECK.value, next_action_at=deadline,
-                                           deadline_at=deadline)
-    await outbox.add_many(conn, [
-        (topics.RISK_REQUESTS, o.buyer_id, events.new_event(
-            RiskCheckRequested(order_id=o.order_id, buyer_id=o.buyer_id, seller_id=o.seller_id, amount=o.amount,
-                               payment_method=o.payment_method, card_token=o.card_token, accepted_at=now,
-                               buyer_registered_at=known[o.buyer_id]),
-            source=SOURCE, occurred_at=now, correlation_id=o.order_id, causation_id=env.event_id))
-        for env, o in fast if o.order_id in inserted])
+        conn, [(env.event_id, o.order_id, env.type, o.model_dump(mode="json"), "applied") for env, o, _ in fast], now)
+    inserted = await store.insert_payments(conn, [d.payment for _, _, d in fast], now)
+    await outbox.add_many(conn, [(e.topic, e.key, _envelope(ctx, e, env.event_id, now))
+                                 for env, o, d in fast if o.order_id in inserted for e in d.emit])
     await release_parked(ctx, conn, sorted(inserted))
     return [(env, o) for env, o in items if o.order_id not in inserted]
 
 
-async def _lock_waiting(conn: asyncpg.Connection, items: Batch, state: SagaState) -> tuple[Batch, list]:
-    """Lock the payments of a run of answers. Returns the answers still to handle (those of
-    payments in `state`, or of no payment: the one-by-one handler reports those) and, of them,
-    (envelope, answer, payment) for the wallet payments, which the set paths handle."""
-    payments = await store.lock_payments(conn, [e.order_id for _, e in items])
-    items = [(env, e) for env, e in items
-             if e.order_id not in payments or payments[e.order_id]["saga_state"] == state.value]
-    wallet_payments = [(env, e, payments[e.order_id]) for env, e in items
-                       if e.order_id in payments and payments[e.order_id]["payment_method"] == "balance"]
-    return items, wallet_payments
+async def _lock_and_decide(ctx: Context, conn: asyncpg.Connection, items: Batch) -> list:
+    """Lock the payments of a run of answers (in order_id order) and decide each:
+    (envelope, answer, payment, decision), for the answers of known payments."""
+    rows = await store.lock_payments(conn, [e.order_id for _, e in items])
+    now, rules = ctx.clock.now(), ctx.deps.rules
+    decided = []
+    for env, e in items:
+        if e.order_id in rows:
+            p = saga.Payment.from_row(rows[e.order_id])
+            decided.append((env, e, p, saga.decide(p, e, now, rules)))
+    return decided
+
+
+async def _save_many(ctx: Context, conn: asyncpg.Connection, done: list, now: datetime) -> None:
+    """State and outbox of many (envelope, answer, payment, decision), a statement each."""
+    await store.update_payments(conn, now, [{"order_id": p.order_id, **saga.changes(p, d.payment)}
+                                            for _, _, p, d in done])
+    await outbox.add_many(conn, [(x.topic, x.key, _envelope(ctx, x, env.event_id, now))
+                                 for env, _, _, d in done for x in d.emit])
+
+
+def _rest(items: Batch, done: list) -> Batch:
+    """The records of `items` not applied by a set path (late or repeated answers that change
+    nothing are applied too: nothing to do)."""
+    applied = {p.order_id for _, _, p, _ in done}
+    return [(env, e) for env, e in items if e.order_id not in applied]
 
 
 async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
-    """Approved wallet payments the wallet can pay: reserve the money, ask escrow to hold it."""
-    # Late (the fallback decided) or repeated answers drop out, as in risk_decided.
-    items, waiting = await _lock_waiting(conn, items, SagaState.RISK_CHECK)
-    candidates = [(env, e, p) for env, e, p in waiting if e.decision == "approve"]
+    """Approved wallet payments: reserve the money, ask escrow to hold it."""
+    decided = await _lock_and_decide(ctx, conn, items)
+    late = [x for x in decided if x[3].changes_nothing]  # late (the fallback decided) or repeated
+    candidates = [x for x in decided if x[3].payment is not None and x[3].payment.state is SagaState.HOLDING
+                  and not x[3].bank and x[3].kept is None and len(x[3].ledger) == 1
+                  and isinstance(x[3].ledger[0], saga.Transfer)]
     if not candidates:
-        return items
+        return _rest(items, late)
     now = ctx.clock.now()
     # In order; an order its wallet can no longer pay is refused here and goes one by one (and fails).
     applied, refused = await ledger.transfer_many(conn, [
-        ledger.NewTransfer(f"payment:{p['order_id']}", wallet(p["buyer_id"]), "escrow", p["amount"], code="payment",
-                           order_id=p["order_id"], pending=True) for _, _, p in candidates], now, partial=True)
+        ledger.NewTransfer(t.id, t.debit, t.credit, t.amount, code=t.code, order_id=p.order_id, pending=t.pending)
+        for _, _, p, d in candidates for t in d.ledger], now, partial=True)
     if len(applied) + len(refused) != len(candidates):
         raise RuntimeError("a wallet payment was reserved before its risk decision")  # one by one sorts it out
-    fast = [(env, e, p) for env, e, p in candidates if f"payment:{p['order_id']}" in applied]
-    await outbox.add_many(conn, [
-        (topics.ESCROW_COMMANDS, p["order_id"], events.new_event(
-            _hold_command(p), source=SOURCE, occurred_at=now, correlation_id=p["order_id"], causation_id=env.event_id))
-        for env, _, p in fast])
-    retry_at = now + timedelta(seconds=ctx.deps.rules.hold_retry_seconds)
-    await store.update_payments(conn, now, [
-        {"order_id": p["order_id"], "risk_decision": e.decision, "risk_rules": list(e.rules), "risk_message": e.message,
-         "saga_state": SagaState.HOLDING.value, "next_action_at": retry_at, "attempts": p["attempts"] + 1}
-        for _, e, p in fast])
-    done = {p["order_id"] for _, _, p in fast}
-    return [(env, e) for env, e in items if e.order_id not in done]
+    fast = [x for x in candidates if x[3].ledger[0].id in applied]
+    await _save_many(ctx, conn, fast, now)
+    return _rest(items, late + fast)
 
 
 async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
-    """Wallet payments escrow now holds: post the reservation, publish PaymentSucceeded."""
-    # The answer to a re-sent hold, already applied, drops out, as in funds_held.
-    items, fast = await _lock_waiting(conn, items, SagaState.HOLDING)
+    """Payments escrow now holds whose settlement is posting a wallet reservation (or, for
+    Huabei, confirming the drawdown): PaymentSucceeded, kept events forwarded."""
+    decided = await _lock_and_decide(ctx, conn, items)
+    late = [x for x in decided if x[3].changes_nothing]  # the answer to a re-sent hold, already applied
+    fast = [x for x in decided if x[3].payment is not None and x[3].payment.state is SagaState.COMPLETED
+            and not x[3].bank and all(isinstance(t, saga.Resolve) and t.post for t in x[3].ledger)]
     if not fast:
-        return items
+        return _rest(items, late)
     now = ctx.clock.now()
-    order_ids = [p["order_id"] for _, _, p in fast]
-    posted = await ledger.resolve_many(conn, [(f"payment-post:{o}", f"payment:{o}") for o in order_ids], post=True,
-                                       now=now)
-    if len(posted) != len(order_ids):
+    resolutions = [(t.id, t.pending_id) for _, _, _, d in fast for t in d.ledger]
+    posted = await ledger.resolve_many(conn, resolutions, post=True, now=now)
+    if len(posted) != len(resolutions):
         raise RuntimeError("a wallet reservation was missing or resolved already")  # one by one sorts it out
-    await store.update_payments(conn, now, [
-        {"order_id": o, "status": PaymentStatus.HELD.value, "saga_state": SagaState.COMPLETED.value,
-         "next_action_at": None} for o in order_ids])
-    await outbox.add_many(conn, [
-        (topics.PAYMENTS, p["order_id"], events.new_event(
-            PaymentSucceeded(order_id=p["order_id"], payment_id=p["payment_id"], buyer_id=p["buyer_id"],
-                             seller_id=p["seller_id"], amount=p["amount"], payment_method=p["payment_method"],
-                             installments=p["installments"]),
-            source=SOURCE, occurred_at=now, correlation_id=p["order_id"], causation_id=env.event_id))
-        for env, _, p in fast])
+    await _save_many(ctx, conn, fast, now)
+    order_ids = [p.order_id for _, _, p, _ in fast]
     kept = await store.take_events_many(conn, order_ids, "pending", "forwarded")
     for order_id in order_ids:  # events that came before the payment completed: now they go on
         for event in kept.get(order_id, []):
             await _forward(ctx, conn, event["type"], event["data"], cause=event["event_id"])
-    done = set(order_ids)
-    return [(env, e) for env, e in items if e.order_id not in done]
+    return _rest(items, late + fast)
 
 
 # ---------------------------------------------------------------- the saga worker

@@ -69,31 +69,34 @@ async def lock_payments(conn: asyncpg.Connection, order_ids: list[str]) -> dict[
     return {r["order_id"]: dict(r) for r in rows}
 
 
-async def insert_payments(conn: asyncpg.Connection, orders: list[tuple[str, OrderPlaced, str]], now: datetime, *,
-                          saga_state: str, next_action_at: datetime | None, deadline_at: datetime | None) -> set[str]:
-    """`insert_payment` for many (event_id, order, payment_id), straight into `saga_state`;
-    returns the order ids inserted (the others already had a payment)."""
+async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetime) -> set[str]:
+    """`insert_payment` for many new payments (services.gateway.saga.Payment) straight into the
+    state the saga decided for them (its state, status and timers); returns the order ids
+    inserted (the others already had a payment)."""
     rows = await conn.fetchmany(
         """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency,
                                  payment_method, card_token, installments, auto_confirm_days, status, saga_state,
                                  accepted_at, updated_at, next_action_at, deadline_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'PENDING', $12, $13, $13, $14, $15)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
            ON CONFLICT (order_id) DO NOTHING RETURNING order_id""",
-        [(o.order_id, event_id, payment_id, o.buyer_id, o.seller_id, o.amount, o.currency, o.payment_method,
-          o.card_token, o.installments, o.auto_confirm_days, saga_state, now, next_action_at, deadline_at)
-         for event_id, o, payment_id in orders])
+        [(p.order_id, p.placed_event_id, p.payment_id, p.buyer_id, p.seller_id, p.amount, p.currency,
+          p.payment_method, p.card_token, p.installments, p.auto_confirm_days, p.status.value, p.state.value,
+          p.accepted_at, now, p.next_action_at, p.deadline_at) for p in payments])
     return {r["order_id"] for r in rows}
 
 
 async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list[dict]) -> None:
-    """`update_payment` for many orders in one round trip; every dict has `order_id` and the
-    same other keys."""
-    if not changes:
-        return
-    columns = [c for c in changes[0] if c != "order_id"]
-    assignments = ", ".join(f"{c} = ${i + 3}" for i, c in enumerate(columns))
-    await conn.executemany(f"UPDATE payments SET updated_at = $2, {assignments} WHERE order_id = $1",
-                           [(c["order_id"], now, *[c[k] for k in columns]) for c in changes])
+    """`update_payment` for many orders: every dict has `order_id` and the columns to set; one
+    round trip per set of columns (usually one)."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for c in changes:
+        groups.setdefault(tuple(k for k in c if k != "order_id"), []).append(c)
+    for columns, rows in groups.items():
+        if not columns:
+            continue
+        assignments = ", ".join(f"{c} = ${i + 3}" for i, c in enumerate(columns))
+        await conn.executemany(f"UPDATE payments SET updated_at = $2, {assignments} WHERE order_id = $1",
+                               [(c["order_id"], now, *[c[k] for k in columns]) for c in rows])
 
 
 _DUE = "saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1"
