@@ -14,10 +14,8 @@ import structlog
 
 from services.credit import domain, store
 from shared import events, ledger, outbox, timers, topics
-from shared.events import (AccountOverdue, AccountSettled, CancelCredit, CommitCredit, CreditRefused, CreditReserved,
-                           DrawdownCommitted, DrawdownRefunded, Envelope, OverpaymentRefunded, PaymentSucceeded,
-                           RepaymentApplied,
-                           ReserveCredit, RestoreCredit, UserRegistered)
+from shared.events import (AccountOverdue, AccountSettled, CancelCredit, CommitCredit, Envelope, OverpaymentRefunded,
+                           PaymentSucceeded, RepaymentApplied, ReserveCredit, RestoreCredit, UserRegistered)
 from shared.runtime import Context
 
 SOURCE = "credit"
@@ -67,79 +65,78 @@ async def payments_succeeded(ctx: Context, conn: asyncpg.Connection, items: list
 
 
 # ---------------------------------------------------------------- drawdowns: try / confirm / cancel
-async def reserve_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: ReserveCredit) -> None:
-    existing = await store.get_reservation(conn, c.order_id)
-    if existing is not None:  # a re-sent command: the same answer again
-        if existing["state"] == "refused":
-            await _emit(ctx, conn, CreditRefused(order_id=c.order_id, user_id=c.user_id,
-                                                 reason_code=existing["reason_code"], message=existing["message"]),
-                        key=c.order_id, cause=env.event_id)
-        elif existing["state"] in ("reserved", "committed"):
-            await _emit(ctx, conn, CreditReserved(order_id=c.order_id, user_id=c.user_id, amount=existing["amount"]),
-                        key=c.order_id, cause=env.event_id)
-        return
+# The rules are domain.on_reserve / on_commit / on_cancel / on_expire / on_restore (pure); these
+# load the reservation, decide and apply the decision in one place (`_apply`).
+async def _apply(ctx: Context, conn: asyncpg.Connection, d: domain.CreditDecision, user_id: str, order_id: str, *,
+                 new: bool = False, cause: str | None) -> None:
     now = ctx.clock.now()
+    r = d.reservation
+    if r is not None and new:
+        refusal = (r.reason_code, r.message) if r.state is domain.ReservationState.REFUSED else None
+        await store.insert_reservation(conn, r.order_id, r.user_id, r.amount, r.installments, r.expires_at, now,
+                                       refusal=refusal)
+    elif r is not None:
+        await store.set_reservation_state(conn, r.order_id, r.state.value, now)
+    if (d.reserved or d.used) and not (new and d.reserved > 0):  # a new reservation took its credit already
+        await store.move(conn, user_id, reserved=d.reserved, used=d.used)
+    for t in d.transfers:
+        await ledger.transfer(conn, t.id, t.debit, t.credit, t.amount, code=t.code, order_id=order_id, now=now)
+    for event in d.emit:
+        await _emit(ctx, conn, event, key=event.order_id, cause=cause)
+
+
+async def _reservation(conn: asyncpg.Connection, order_id: str) -> domain.Reservation | None:
+    row = await store.get_reservation(conn, order_id)
+    return domain.Reservation.from_row(row) if row else None
+
+
+async def reserve_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: ReserveCredit) -> None:
+    existing = await _reservation(conn, c.order_id)
+    now, ttl = ctx.clock.now(), ctx.deps.review.reservation_ttl_seconds
+    if existing is not None:  # a re-sent command: the same answer again
+        d = domain.on_reserve(existing, None, c, now, ttl)
+        await _apply(ctx, conn, d, c.user_id, c.order_id, cause=env.event_id)
+        return
     account = await store.get_account(conn, c.user_id, lock=True)
-    refusal = domain.reservation_refusal(store.line_of(account), c.amount)
-    if refusal is None and not await store.try_reserve(conn, c.user_id, c.amount):
-        refusal = domain.reservation_refusal(store.line_of(await store.get_account(conn, c.user_id)), c.amount) or (
-            "CREDIT_LIMIT_EXCEEDED", "the available credit is too small")
-    expires = now + timedelta(seconds=ctx.deps.review.reservation_ttl_seconds)
-    await store.insert_reservation(conn, c.order_id, c.user_id, c.amount, c.installments, expires, now, refusal=refusal)
-    if refusal:
-        await _emit(ctx, conn, CreditRefused(order_id=c.order_id, user_id=c.user_id, reason_code=refusal[0],
-                                             message=refusal[1]), key=c.order_id, cause=env.event_id)
-    else:
-        await _emit(ctx, conn, CreditReserved(order_id=c.order_id, user_id=c.user_id, amount=c.amount),
-                    key=c.order_id, cause=env.event_id)
+    d = domain.on_reserve(None, store.line_of(account), c, now, ttl)
+    # The reservation is one conditional update: concurrent purchases can never overdraw the line.
+    if d.reserved and not await store.try_reserve(conn, c.user_id, c.amount):
+        refusal = domain.reservation_refusal(store.line_of(await store.get_account(conn, c.user_id)), c.amount)
+        refusal = refusal or ("CREDIT_LIMIT_EXCEEDED", "the available credit is too small")
+        d = domain.new_reservation(c, now, ttl, refusal)
+    await _apply(ctx, conn, d, c.user_id, c.order_id, new=True, cause=env.event_id)
 
 
 async def commit_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: CommitCredit) -> None:
-    r = await store.get_reservation(conn, c.order_id)
-    if r is None or r["state"] not in ("reserved", "expired"):
-        return  # unknown, or already committed or cancelled
-    now = ctx.clock.now()
-    if r["state"] == "expired":
+    r = await _reservation(conn, c.order_id)
+    if r is not None and r.state is domain.ReservationState.EXPIRED:
         # The hold outran the reservation; the money is in escrow already, so the drawdown stands.
         log.warning("committing an expired reservation", order_id=c.order_id)
-        await store.move(conn, r["user_id"], used=r["amount"])
-    else:
-        await store.move(conn, r["user_id"], reserved=-r["amount"], used=r["amount"])
-    await store.set_reservation_state(conn, c.order_id, "committed", now)
-    await ledger.transfer(conn, f"drawdown:{c.order_id}", f"loan:{r['user_id']}", "gateway", r["amount"],
-                          code="drawdown", order_id=c.order_id, now=now)
-    await _emit(ctx, conn, DrawdownCommitted(order_id=c.order_id, user_id=r["user_id"], amount=r["amount"],
-                                             installments=r["installments"], committed_at=now),
-                key=c.order_id, cause=env.event_id)
+    d = domain.on_commit(r, ctx.clock.now())
+    if r is not None:
+        await _apply(ctx, conn, d, r.user_id, c.order_id, cause=env.event_id)
 
 
 async def cancel_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: CancelCredit) -> None:
-    r = await store.get_reservation(conn, c.order_id)
-    if r is None or r["state"] != "reserved":
-        return
-    await store.move(conn, r["user_id"], reserved=-r["amount"])
-    await store.set_reservation_state(conn, c.order_id, "cancelled", ctx.clock.now())
+    r = await _reservation(conn, c.order_id)
+    if r is not None:
+        await _apply(ctx, conn, domain.on_cancel(r), r.user_id, c.order_id, cause=env.event_id)
 
 
 async def restore_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: RestoreCredit) -> None:
     """A refund of a Huabei-funded order: the principal goes back to the lender and the line."""
-    if not await store.first_restoration(conn, c.order_id, c.refund_key, c.amount):
-        return
-    now = ctx.clock.now()
-    await store.move(conn, c.user_id, used=-c.amount)
-    await ledger.transfer(conn, f"restore:{c.order_id}:{c.refund_key}", "gateway", f"loan:{c.user_id}", c.amount,
-                          code="refund", order_id=c.order_id, now=now)
-    await _emit(ctx, conn, DrawdownRefunded(order_id=c.order_id, user_id=c.user_id, amount=c.amount,
-                                            refund_key=c.refund_key, refunded_at=now), key=c.order_id, cause=env.event_id)
+    first = await store.first_restoration(conn, c.order_id, c.refund_key, c.amount)
+    await _apply(ctx, conn, domain.on_restore(first, c, ctx.clock.now()), c.user_id, c.order_id, cause=env.event_id)
 
 
 async def expire_reservations(ctx: Context, batch: int = 100) -> int:
     async with ctx.pool.acquire() as conn, conn.transaction():
-        expired = await store.expired_reservations(conn, ctx.clock.now(), batch)
-        for r in expired:
-            await store.move(conn, r["user_id"], reserved=-r["amount"])
-            await store.set_reservation_state(conn, r["order_id"], "expired", ctx.clock.now())
-            log.info("reservation expired; credit freed", order_id=r["order_id"], amount=r["amount"])
+        now = ctx.clock.now()
+        expired = await store.expired_reservations(conn, now, batch)
+        for row in expired:
+            r = domain.Reservation.from_row(row)
+            await _apply(ctx, conn, domain.on_expire(r, now), r.user_id, r.order_id, cause=None)
+            log.info("reservation expired; credit freed", order_id=r.order_id, amount=r.amount)
     return len(expired)
 
 
