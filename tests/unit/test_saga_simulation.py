@@ -42,10 +42,10 @@ from services.gateway import saga
 from services.gateway.bank import ChargeResult
 from services.gateway.domain import Route, Rules, SagaState, route_order_event
 from shared import topics
-from shared.events import (CancelCredit, CancelOrder, ClawbackSettled, CommitCredit, ConfirmOrder, EscrowRefundRejected,
-                           EscrowReleased, FundsHeld, HoldFunds, HoldRefused, OrderCancelled, OrderConfirmed, OrderPlaced,
-                           OrderShipped, RefundOrder, RefundRequested, ReserveCredit, RestoreCredit,
-                           RiskCheckRequested, RiskDecided, ShipOrder)
+from shared.events import (CancelCredit, CancelOrder, ClawbackSettled, CommitCredit, ConfirmOrder,
+                           EscrowRefundRejected, EscrowReleased, FundsHeld, HoldFunds, HoldRefused, OrderCancelled,
+                           OrderConfirmed, OrderPlaced, OrderShipped, RefundOrder, RefundRequested, ReserveCredit,
+                           RestoreCredit, RiskCheckRequested, RiskDecided, ShipOrder)
 
 HISTORIES = int(os.environ.get("DANBAO_SIM_HISTORIES", "500"))
 BASE_SEED = int(os.environ.get("DANBAO_SIM_BASE_SEED", "1129"))
@@ -188,7 +188,7 @@ class Gateway(Node):
         try:
             self._ledger(d.ledger)
         except Refused as refused:
-            d = saga.decide(p, saga.Short(event, self.ledger.available(str(refused))), self.sim.now, RULES)
+            d = saga.decide(p, saga.Short(event, self.ledger.available(str(refused))), self.sim.now, self.sim.rules)
             self._ledger(d.ledger)
         for call in d.bank:
             if call.op == "capture":
@@ -242,7 +242,7 @@ class Gateway(Node):
     def decide(self, order_id: str, event, cause: str | None) -> None:
         p = self.payments.get(order_id)
         if p is not None:
-            self.apply(p, saga.decide(p, event, self.sim.now, RULES), event, cause)
+            self.apply(p, saga.decide(p, event, self.sim.now, self.sim.rules), event, cause)
 
     # -- consumed events: services/gateway/handlers.py
     def handle(self, msg: Message) -> None:
@@ -268,8 +268,9 @@ class Gateway(Node):
             return
         p = saga.Payment.new(order, msg.event_id, now)
         self.payments[order.order_id] = p
-        placed = saga.Placed(buyer_registered_at=self.users.get(order.buyer_id), seller_known=order.seller_id in self.users)
-        self.apply(p, saga.decide(p, placed, now, RULES), placed, msg.event_id)
+        placed = saga.Placed(buyer_registered_at=self.users.get(order.buyer_id),
+                             seller_known=order.seller_id in self.users)
+        self.apply(p, saga.decide(p, placed, now, self.sim.rules), placed, msg.event_id)
         for e in self._take(order.order_id, "parked", "released"):  # release_parked
             self.released_parked += 1
             e["state"] = self.route(e["type"], e["data"], e["event_id"])
@@ -292,7 +293,8 @@ class Gateway(Node):
         if route in (Route.FORWARD, Route.CANCEL_IN_FLIGHT):
             self._forward(event_type, payload, cause)
         if route is Route.CANCEL_IN_FLIGHT:
-            self.apply(p, saga.decide(p, saga.CancelRequested(), self.sim.now, RULES), saga.CancelRequested(), cause)
+            event = saga.CancelRequested()
+            self.apply(p, saga.decide(p, event, self.sim.now, self.sim.rules), event, cause)
         if route in (Route.REJECT_UNKNOWN_ORDER, Route.REJECT_NOT_PAID):
             code = "UNKNOWN_ORDER" if route is Route.REJECT_UNKNOWN_ORDER else "NOT_PAID"
             self._reject(order_id, payload.get("refund_id"), code, cause)
@@ -317,7 +319,7 @@ class Gateway(Node):
                 check(f"charge:{p.order_id}" not in self.voided, f"authorizing the voided charge of {p.order_id}")
                 self.authorized.add(f"charge:{p.order_id}")
         self.sim.log(f"  gateway worker: {p.order_id} {p.state.value} card={card and card.value}")
-        self.apply(p, saga.decide(p, saga.Due(card), self.sim.now, RULES), saga.Due(card), None)
+        self.apply(p, saga.decide(p, saga.Due(card), self.sim.now, self.sim.rules), saga.Due(card), None)
         return True
 
     def next_due(self) -> datetime | None:
@@ -330,8 +332,8 @@ class Gateway(Node):
             return False
         p, approve = self.sim.rng.choice(waiting), self.sim.rng.random() < 0.5
         self.sim.log(f"  operator: {p.order_id} {'approve' if approve else 'reject'}")
-        self.apply(p, saga.decide(p, saga.ReviewDecided(approve), self.sim.now, RULES), saga.ReviewDecided(approve),
-                   None)
+        event = saga.ReviewDecided(approve)
+        self.apply(p, saga.decide(p, event, self.sim.now, self.sim.rules), event, None)
         return True
 
 
@@ -472,6 +474,7 @@ class RiskEngine(Node):
 class Sim:
     def __init__(self, seed: int, verbose: bool = False):
         self.seed, self.rng, self.verbose = seed, random.Random(seed), verbose
+        self.rules = RULES if self.rng.random() < 0.85 else replace(RULES, risk_enabled=False)
         self.now = T0
         self.ids = 0
         self.steps: list[str] = []
@@ -513,8 +516,9 @@ class Sim:
             if rng.random() < 0.8:
                 self.credit.lines[buyer] = credit.Line(credit_limit=rng.choice([1_000, 5_000, 50_000]), used=0,
                                                        reserved=0, frozen=rng.random() < 0.1)
-        self.log(f"setup: buyers {self.buyers} sellers {self.sellers} wallets "
-                 f"{ {b: self.gateway.ledger.available(saga.wallet(b)) for b in self.buyers} } lines {self.credit.lines}")
+        wallets = {b: self.gateway.ledger.available(saga.wallet(b)) for b in self.buyers}
+        self.log(f"setup: risk control {'on' if self.rules.risk_enabled else 'off'}, buyers {self.buyers}, sellers "
+                 f"{self.sellers}, wallets {wallets}, lines {self.credit.lines}")
 
     def bank_answer(self, token: str) -> ChargeResult:
         if token == "tok_decline":
@@ -724,7 +728,8 @@ class Sim:
             if r.state is credit.ReservationState.RESERVED:
                 reserved[r.user_id] += r.amount
         for user, line in c.lines.items():
-            check(line.reserved == reserved[user], f"{user}: line reserves {line.reserved}, reservations {reserved[user]}")
+            check(line.reserved == reserved[user],
+                  f"{user}: line reserves {line.reserved}, reservations {reserved[user]}")
             check(line.used == -c.ledger.balance[credit.loan_account(user)],
                   f"{user}: line uses {line.used}, loan {-c.ledger.balance[credit.loan_account(user)]}")
             check(line.used >= 0 and line.reserved >= 0, f"{user}: credit line below zero: {line}")
@@ -739,7 +744,8 @@ class Sim:
         for p in g.payments.values():
             check(p.state in TERMINAL, f"saga {p.order_id} not terminal once messages stopped: {p.state.value}")
         for order_id in self.orders:
-            check(len(self.order_outcomes[order_id]) == 1, f"order {order_id}: outcomes {self.order_outcomes[order_id]}")
+            check(len(self.order_outcomes[order_id]) == 1,
+                  f"order {order_id}: outcomes {self.order_outcomes[order_id]}")
         check(self.duplicate_answers == self.duplicates_sent,
               f"{self.duplicates_sent} repeated OrderPlaced, {self.duplicate_answers} DUPLICATE_ORDER answers")
         for refund in list(self.refunds_sent) + [(o, None) for o in self.cancels_sent]:
