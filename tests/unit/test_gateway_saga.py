@@ -274,3 +274,19 @@ def test_one_outcome_and_consistent_money_whatever_arrives(method, risk, steps):
         assert (p.status is PaymentStatus.FAILED) == (p.state is S.FAILED)
     assert outcomes <= 1 and resolved <= reserved <= 1
     assert (outcomes == 1) == (p.state in (S.COMPLETED, S.FAILED))
+
+
+def test_a_payment_row_round_trips_and_only_changed_columns_are_written():
+    row = {"order_id": "o-1", "payment_id": "pay_o-1", "buyer_id": "b", "seller_id": "s", "amount": 1000,
+           "payment_method": "balance", "card_token": None, "installments": 1, "auto_confirm_days": 10,
+           "accepted_at": T0, "placed_event_id": "e", "currency": "CNY", "saga_state": "RISK_CHECK",
+           "status": "PENDING", "reason_code": None, "message": None, "next_action_at": T0, "deadline_at": T0,
+           "attempts": 0, "cancel_requested": False, "risk_decision": None, "risk_rules": None, "risk_message": None,
+           "refunded": 0, "released_gross": None, "fee_amount": None, "net_amount": None, "updated_at": T0}
+    p = Payment.from_row(row)
+    assert p == pay(S.RISK_CHECK, placed_event_id="e", next_action_at=T0, deadline_at=T0)
+    d = decide(p, SAGA_EVENTS["approve"], T0, RULES)
+    assert changes(p, d.payment) == {"saga_state": "HOLDING", "risk_decision": "approve", "risk_message": "ok",
+                                     "attempts": 1, "next_action_at": T0 + timedelta(seconds=RULES.hold_retry_seconds)}
+    with pytest.raises(TypeError):
+        p.but(no_such_field=1)
