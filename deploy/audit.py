@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from services.billing import domain as billing
+from services.credit import domain as credit
+from services.escrow import domain as escrow
+from services.gateway import accounts as gateway
 from shared import ledger
 
 
@@ -48,8 +52,10 @@ def _dsn(service: str) -> str:
             or "postgresql://danbao@127.0.0.1:5432/danbao")
 
 
-async def _sum(conn: asyncpg.Connection, schema: str, where: str, expr: str) -> int:
-    return await conn.fetchval(f"SELECT coalesce(sum({expr}), 0)::bigint FROM {schema}.ledger_balances WHERE {where}")
+async def _sum(conn: asyncpg.Connection, schema: str, where: str, account: str, expr: str) -> int:
+    """sum(expr) over the accounts of `schema`'s ledger that `where` selects with $1 = `account`."""
+    return await conn.fetchval(f"SELECT coalesce(sum({expr}), 0)::bigint FROM {schema}.ledger_balances WHERE {where}",
+                               account)
 
 
 async def audit(dsns: dict[str, str] | None = None) -> Report:
@@ -70,25 +76,32 @@ async def audit(dsns: dict[str, str] | None = None) -> Report:
                 await conn.execute(f"SET LOCAL search_path = {name}")
                 report.problems += [f"{name} ledger: {p}" for p in await ledger.check(conn)]
             f = report.figures
-            f["bank channel: money in"] = await _sum(gw, "gateway", "id = 'bank'", "debits_posted")
-            f["bank channel: money out"] = await _sum(gw, "gateway", "id = 'bank'", "credits_posted")
-            f["wallet balances"] = await _sum(gw, "gateway", "id LIKE 'wallet:%'", credit_balance)
-            f["escrow holds"] = await _sum(es, "escrow", "id LIKE 'hold:%'", credit_balance)
-            f["merchant fee revenue"] = await _sum(es, "escrow", "id = 'revenue:merchant_fee'", credit_balance)
-            f["withdrawal fee revenue"] = await _sum(gw, "gateway", "id = 'revenue:withdrawal_fee'", credit_balance)
-            f["handed to escrow (gateway ledger)"] = await _sum(gw, "gateway", "id = 'escrow'", credit_balance)
-            f["received from gateway (escrow ledger)"] = await _sum(es, "escrow", "id = 'gateway'",
-                                                                "debits_posted - credits_posted")
-            f["huabei owed by buyers"] = await _sum(cr, "credit", "id LIKE 'loan:%'", debit_balance)
-            f["lent through the gateway (credit ledger)"] = await _sum(cr, "credit", "id = 'gateway'", credit_balance)
-            f["taken from the lender (gateway ledger)"] = await _sum(gw, "gateway", "id = 'lender'", debit_balance)
-            f["huabei fees and penalties owed"] = await _sum(bi, "billing", "id LIKE 'fees_receivable:%'", debit_balance)
-            f["installment fee revenue"] = await _sum(bi, "billing", "id = 'revenue:installment_fee'", credit_balance)
-            f["penalty revenue"] = await _sum(bi, "billing", "id = 'revenue:penalty'", credit_balance)
-            f["fees paid to billing (gateway ledger)"] = await _sum(gw, "gateway", "id = 'billing'", credit_balance)
-            f["fees received (billing ledger)"] = await _sum(bi, "billing", "id = 'gateway'", debit_balance)
-            f["repayments not yet allocated"] = await _sum(gw, "gateway", "id = 'repayments'", credit_balance)
-            f["payments in flight (reserved)"] = await _sum(gw, "gateway", "id LIKE 'wallet:%'", "debits_pending")
+            id_is = "id = $1"
+            prefixed = "starts_with(id, $1)"  # an account per user or order
+            f["bank channel: money in"] = await _sum(gw, "gateway", id_is, gateway.BANK, "debits_posted")
+            f["bank channel: money out"] = await _sum(gw, "gateway", id_is, gateway.BANK, "credits_posted")
+            f["wallet balances"] = await _sum(gw, "gateway", prefixed, gateway.WALLET_PREFIX, credit_balance)
+            f["escrow holds"] = await _sum(es, "escrow", prefixed, escrow.HOLD_PREFIX, credit_balance)
+            f["merchant fee revenue"] = await _sum(es, "escrow", id_is, escrow.FEE_REVENUE, credit_balance)
+            f["withdrawal fee revenue"] = await _sum(gw, "gateway", id_is, gateway.REVENUE_WITHDRAWAL_FEE,
+                                                     credit_balance)
+            f["handed to escrow (gateway ledger)"] = await _sum(gw, "gateway", id_is, gateway.ESCROW, credit_balance)
+            f["received from gateway (escrow ledger)"] = await _sum(es, "escrow", id_is, escrow.GATEWAY, debit_balance)
+            f["huabei owed by buyers"] = await _sum(cr, "credit", prefixed, credit.LOAN_PREFIX, debit_balance)
+            f["lent through the gateway (credit ledger)"] = await _sum(cr, "credit", id_is, credit.LENT, credit_balance)
+            f["taken from the lender (gateway ledger)"] = await _sum(gw, "gateway", id_is, gateway.LENDER,
+                                                                     debit_balance)
+            f["huabei fees and penalties owed"] = await _sum(bi, "billing", prefixed, billing.FEES_RECEIVABLE_PREFIX,
+                                                             debit_balance)
+            f["installment fee revenue"] = await _sum(bi, "billing", id_is, billing.REVENUE_INSTALLMENT_FEE,
+                                                      credit_balance)
+            f["penalty revenue"] = await _sum(bi, "billing", id_is, billing.REVENUE_PENALTY, credit_balance)
+            f["fees paid to billing (gateway ledger)"] = await _sum(gw, "gateway", id_is, gateway.BILLING,
+                                                                    credit_balance)
+            f["fees received (billing ledger)"] = await _sum(bi, "billing", id_is, billing.GATEWAY, debit_balance)
+            f["repayments not yet allocated"] = await _sum(gw, "gateway", id_is, gateway.REPAYMENTS, credit_balance)
+            f["payments in flight (reserved)"] = await _sum(gw, "gateway", prefixed, gateway.WALLET_PREFIX,
+                                                            "debits_pending")
     finally:
         for conn in (gw, es, cr, bi):
             await conn.close()

@@ -35,6 +35,31 @@ INSTALLMENT_PERIODS = (3, 6, 9, 12)
 _MAX_DAY = 28
 
 
+# ---------------------------------------------------------------- kinds (CHECKed in migrations)
+class ItemKind(str, Enum):
+    """What an item (the unit everything is owed on) is."""
+    STATEMENT = "statement"      # a cycle's own purchases: the statement's item
+    INSTALLMENT = "installment"  # one period of an installment plan
+
+
+class PlanSource(str, Enum):
+    PURCHASE = "purchase"      # installments chosen at purchase (plan 'P-<order_id>')
+    CONVERSION = "conversion"  # an issued statement converted (plan 'C-<statement_id>')
+
+
+class LineKind(str, Enum):
+    """What a repayment paid, per item (RepaymentAllocated lines)."""
+    STATEMENT = "statement"      # an issued statement's purchases
+    INSTALLMENT = "installment"  # an installment period
+    OPEN_CYCLE = "open_cycle"    # paid ahead: purchases of the cycle not issued yet
+
+
+def line_kind(kind: ItemKind, billed: bool) -> LineKind:
+    if kind is ItemKind.INSTALLMENT:
+        return LineKind.INSTALLMENT
+    return LineKind.STATEMENT if billed else LineKind.OPEN_CYCLE
+
+
 # ---------------------------------------------------------------- ledger accounts (billing's schema)
 # Principal is the credit service's loan; billing books only fees and penalties.
 GATEWAY = "gateway"                                  # fee and penalty money received through the gateway

@@ -16,8 +16,8 @@ import asyncpg
 import structlog
 
 from services.billing import domain, store
-from services.billing.domain import (GATEWAY, REVENUE_INSTALLMENT_FEE, REVENUE_PENALTY, InstallmentPeriod, Owed, Period,
-                                     PlanPeriod, fees_receivable)
+from services.billing.domain import (GATEWAY, REVENUE_INSTALLMENT_FEE, REVENUE_PENALTY, InstallmentPeriod, ItemKind,
+                                     Owed, Period, PlanPeriod, PlanSource, fees_receivable)
 from shared import events, ledger, outbox, timers, topics
 from shared.consumer import TRANSIENT
 from shared.errors import ApiError
@@ -49,7 +49,7 @@ def _late_penalty_through(due_on: date, now: datetime, rules: domain.BillingRule
 
 # ---------------------------------------------------------------- bringing a user up to date
 async def _accrue_fee(conn: asyncpg.Connection, item: dict, at: datetime) -> None:
-    if item["kind"] != "installment" or item["fee_accrued"]:
+    if item["kind"] != ItemKind.INSTALLMENT or item["fee_accrued"]:
         return
     if item["fee"] > 0:
         await ledger.transfer(conn, f"fee:{item['item_id']}", fees_receivable(item["user_id"]), REVENUE_INSTALLMENT_FEE,
@@ -166,13 +166,13 @@ async def _post_to_cycle(ctx: Context, conn: asyncpg.Connection, account: dict, 
                                    billed, _late_penalty_through(due, now, rules))
 
 
-async def _create_plan(ctx: Context, conn: asyncpg.Connection, account: dict, plan_id: str, source: str,
+async def _create_plan(ctx: Context, conn: asyncpg.Connection, account: dict, plan_id: str, source: PlanSource,
                        plan: list[InstallmentPeriod], now: datetime, *, order_id: str | None = None,
                        statement_id: str | None = None) -> None:
     rules = _rules(ctx)
     user_id = account["user_id"]
     next_period = Period.parse(account["next_period"])
-    await store.insert_plan(conn, plan_id, user_id, source, order_id, statement_id, len(plan),
+    await store.insert_plan(conn, plan_id, user_id, source.value, order_id, statement_id, len(plan),
                             sum(p.principal for p in plan), sum(p.fee for p in plan), now)
     for p in plan:
         period = domain.statement_period_for_due(p.due_on, rules)
@@ -211,7 +211,7 @@ async def drawdown_committed(ctx: Context, conn: asyncpg.Connection, env: Envelo
     else:
         plan = domain.installment_plan(e.amount, e.installments, domain.first_due_for_purchase(e.committed_at, rules),
                                        rules)
-        await _create_plan(ctx, conn, account, plan_id, "purchase", plan, now, order_id=e.order_id)
+        await _create_plan(ctx, conn, account, plan_id, PlanSource.PURCHASE, plan, now, order_id=e.order_id)
     purchase = await store.get_purchase(conn, e.order_id)
     for refund in await store.waiting_refunds(conn, e.order_id):  # refunds that arrived first
         await _apply_refund(ctx, conn, purchase, refund, now, env.event_id)
@@ -280,12 +280,6 @@ async def _apply_refund(ctx: Context, conn: asyncpg.Connection, purchase: dict, 
 
 
 # ---------------------------------------------------------------- billing.commands
-def _line_kind(item: dict) -> str:
-    if item["kind"] == "installment":
-        return "installment"
-    return "statement" if item["billed"] else "open_cycle"
-
-
 async def apply_repayment(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: ApplyRepayment) -> None:
     """Allocate a repayment the gateway has taken; once per repayment_id (a repeat gets the same answer)."""
     rules = _rules(ctx)
@@ -308,7 +302,8 @@ async def apply_repayment(ctx: Context, conn: asyncpg.Connection, env: Envelope,
     for paid in allocation.lines:
         item = by_id[paid.item_id]
         await store.pay_item(conn, paid.item_id, paid.penalty, paid.fee, paid.principal)
-        lines.append(AllocationLine(item_id=paid.item_id, kind=_line_kind(item),
+        kind = domain.line_kind(ItemKind(item["kind"]), item["billed"])
+        lines.append(AllocationLine(item_id=paid.item_id, kind=kind.value,
                                     statement_id=domain.statement_id(c.user_id, Period.parse(item["period"])),
                                     due_on=item["due_on"], penalty=paid.penalty, fee=paid.fee,
                                     principal=paid.principal))
@@ -369,7 +364,7 @@ async def convert_statement(ctx: Context, conn: asyncpg.Connection, user_id: str
     plan = domain.installment_plan(outstanding, periods, statement["due_on"], rules)
     plan_id = f"C-{statement_id}"
     await store.set_item_amounts(conn, statement_id, principal=item["principal"] - outstanding, fee=0, fee_paid=0)
-    await _create_plan(ctx, conn, account, plan_id, "conversion", plan, now, statement_id=statement_id)
+    await _create_plan(ctx, conn, account, plan_id, PlanSource.CONVERSION, plan, now, statement_id=statement_id)
     await store.set_converted(conn, statement_id, plan_id, now)
     await settle(ctx, conn, account, now, None)
     log.info("statement converted", user_id=user_id, statement_id=statement_id, periods=periods, principal=outstanding)

@@ -3,7 +3,6 @@ a user's profile."""
 from __future__ import annotations
 
 from datetime import date
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -40,7 +39,7 @@ class HuabeiAccount(BaseModel):
 async def activate(user_id: str, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
     ctx = ctx_of(request)
-    tz = ZoneInfo(ctx.settings.business_tz)
+    tz = ctx.settings.zone
     # A user registered at the gateway a moment ago may not have reached us yet: wait for it.
     await projection.wait_for(lambda: store.get_profile(ctx.pool, user_id))
     now = ctx.clock.now()
@@ -59,7 +58,8 @@ async def activate(user_id: str, request: Request, caller: Principal = Depends(p
             score = domain.credit_score(profile, behaviour, today)
             limit = domain.limit_for_score(score)
             if await store.insert_account(conn, user_id, limit, score, profile.id_number, profile.phone, now):
-                return JSONResponse(status_code=201, content={"status": "active", "credit_limit": limit, "score": score})
+                return JSONResponse(status_code=201, content={
+                    "status": domain.AccountStatus.ACTIVE.value, "credit_limit": limit, "score": score})
             existing = await store.get_account(conn, user_id)
             if existing is None:  # a concurrent activation took the id number or phone
                 raise ApiError(422, "HUABEI_NOT_ELIGIBLE", "id_number or phone: already used by another Huabei account")

@@ -22,15 +22,16 @@ The limit grows linearly with the score from 50 000 fen at 350 to 5 000 000 fen 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
+from typing import Mapping
 
 from shared.events import (CreditRefused, CreditReserved, DrawdownCommitted, DrawdownRefunded, ReserveCredit,
                            RestoreCredit)
 from shared.money import apply_rate, percent
+from shared.settings import env_int, env_non_negative_int, env_percent
 
 SCORE_MIN, SCORE_MAX = 350, 950
 LIMIT_MIN, LIMIT_MAX = 50_000, 5_000_000
@@ -104,6 +105,12 @@ def eligibility_failure(profile: Profile, today: date, *, id_number_taken: bool,
 
 
 # ---------------------------------------------------------------- the credit line
+class AccountStatus(str, Enum):
+    """A Huabei account's status (huabei_accounts.status, CHECKed)."""
+    ACTIVE = "active"  # may draw down
+    FROZEN = "frozen"  # overdue at billing (AccountOverdue): no drawdown until AccountSettled
+
+
 @dataclass(frozen=True)
 class Line:
     credit_limit: int
@@ -139,12 +146,16 @@ class ReviewRules:
     reservation_ttl_seconds: int = 1800
 
     @classmethod
-    def from_env(cls) -> "ReviewRules":
-        env = os.environ.get
-        return cls(interval_days=int(env("HUABEI_REVIEW_INTERVAL_DAYS", "30")),
-                   min_on_time=int(env("HUABEI_REVIEW_MIN_ON_TIME", "1")),
-                   raise_pct=percent(env("HUABEI_REVIEW_RAISE_PCT", "10")),
-                   reservation_ttl_seconds=int(env("HUABEI_RESERVATION_TTL_SECONDS", "1800")))
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ReviewRules":
+        """HUABEI_REVIEW_INTERVAL_DAYS, HUABEI_REVIEW_MIN_ON_TIME, HUABEI_REVIEW_RAISE_PCT (percent),
+        HUABEI_RESERVATION_TTL_SECONDS; unset or blank keeps the default, a bad value is a
+        SettingsError naming the variable."""
+        d = cls()
+        return cls(interval_days=env_int("HUABEI_REVIEW_INTERVAL_DAYS", d.interval_days, minimum=1, environ=env),
+                   min_on_time=env_non_negative_int("HUABEI_REVIEW_MIN_ON_TIME", d.min_on_time, environ=env),
+                   raise_pct=env_percent("HUABEI_REVIEW_RAISE_PCT", d.raise_pct, environ=env),
+                   reservation_ttl_seconds=env_int("HUABEI_RESERVATION_TTL_SECONDS", d.reservation_ttl_seconds,
+                                                   minimum=1, environ=env))
 
 
 def reviewed_limit(current_limit: int, score: int, *, on_time_since: int, late_since: int, frozen: bool,
@@ -211,11 +222,14 @@ class CreditDecision:
 
 
 CREDIT_NOTHING = CreditDecision()
-LENT = "gateway"  # credit's ledger: money lent out through the gateway (debit-normal: `loan:<user>` owes it)
+
+# Ledger accounts of credit (shared/ledger.py).
+LENT = "gateway"      # money lent out through the gateway (credit-normal: `loan:<user>` owes it)
+LOAN_PREFIX = "loan:"  # one per buyer: what the buyer owes the lender (debit-normal)
 
 
 def loan_account(user_id: str) -> str:
-    return f"loan:{user_id}"
+    return f"{LOAN_PREFIX}{user_id}"
 
 
 def new_reservation(cmd: ReserveCredit, now: datetime, ttl_seconds: int,

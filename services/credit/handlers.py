@@ -23,7 +23,7 @@ log = structlog.get_logger("credit")
 
 
 def _tz(ctx: Context) -> ZoneInfo:
-    return ZoneInfo(ctx.settings.business_tz)
+    return ctx.settings.zone
 
 
 async def _emit(ctx: Context, conn: asyncpg.Connection, data, *, key: str, cause: str | None) -> None:
@@ -145,7 +145,8 @@ async def repayment_applied(ctx: Context, conn: asyncpg.Connection, env: Envelop
     """Repaid principal comes back to the lender (through the gateway) and to the line."""
     if e.principal:
         await store.move(conn, e.user_id, used=-e.principal)
-        await ledger.transfer(conn, f"repayment:{e.repayment_id}", "gateway", f"loan:{e.user_id}", e.principal,
+        await ledger.transfer(conn, f"repayment:{e.repayment_id}", domain.LENT, domain.loan_account(e.user_id),
+                              e.principal,
                               code="repayment", now=ctx.clock.now())
     await store.count_behaviour(conn, e.user_id, "on_time_repayments" if e.on_time else "late_repayments")
     await store.count_review_behaviour(conn, e.user_id, e.on_time)
@@ -158,18 +159,19 @@ async def overpayment_refunded(ctx: Context, conn: asyncpg.Connection, env: Enve
     gateway puts it in the wallet), which settles what the restore over-credited on the loan and
     on the line (the repayment had already given that principal back)."""
     await store.move(conn, e.user_id, used=e.amount)
-    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", f"loan:{e.user_id}", "gateway", e.amount,
+    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", domain.loan_account(e.user_id), domain.LENT,
+                          e.amount,
                           code="huabei_overpayment", order_id=e.order_id, now=ctx.clock.now())
 
 
 async def account_overdue(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: AccountOverdue) -> None:
-    await store.set_status(conn, e.user_id, "frozen")
+    await store.set_status(conn, e.user_id, domain.AccountStatus.FROZEN)
     await store.set_days_overdue(conn, e.user_id, e.days_overdue)
     await refresh_score(ctx, conn, e.user_id)
 
 
 async def account_settled(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: AccountSettled) -> None:
-    await store.set_status(conn, e.user_id, "active")
+    await store.set_status(conn, e.user_id, domain.AccountStatus.ACTIVE)
 
 
 # ---------------------------------------------------------------- limit review
@@ -183,7 +185,8 @@ async def review_limits(ctx: Context, batch: int = 100) -> int:
             profile, behaviour = store.profile_and_behaviour(row, _tz(ctx))
             score = domain.credit_score(profile, behaviour, today)
             limit = domain.reviewed_limit(row["credit_limit"], score, on_time_since=row["on_time_since_review"],
-                                          late_since=row["late_since_review"], frozen=row["status"] == "frozen",
+                                          late_since=row["late_since_review"],
+                                          frozen=row["status"] == domain.AccountStatus.FROZEN,
                                           rules=rules)
             await store.save_review(conn, row["user_id"], limit, score, now)
             if limit != row["credit_limit"]:

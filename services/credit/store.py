@@ -5,7 +5,7 @@ from datetime import datetime
 
 import asyncpg
 
-from services.credit.domain import Behaviour, Line, Profile
+from services.credit.domain import AccountStatus, Behaviour, Line, Profile
 from shared import pii
 
 
@@ -80,7 +80,7 @@ def line_of(account: dict | None) -> Line | None:
     if account is None:
         return None
     return Line(credit_limit=account["credit_limit"], used=account["used"], reserved=account["reserved"],
-                frozen=account["status"] == "frozen")
+                frozen=account["status"] == AccountStatus.FROZEN)
 
 
 async def taken(conn: asyncpg.Connection, user_id: str, id_number_hash: str | None,
@@ -115,8 +115,8 @@ async def move(conn: asyncpg.Connection, user_id: str, *, reserved: int = 0, use
         user_id, reserved, used)
 
 
-async def set_status(conn: asyncpg.Connection, user_id: str, status: str) -> None:
-    await conn.execute("UPDATE huabei_accounts SET status = $2 WHERE user_id = $1", user_id, status)
+async def set_status(conn: asyncpg.Connection, user_id: str, status: AccountStatus) -> None:
+    await conn.execute("UPDATE huabei_accounts SET status = $2 WHERE user_id = $1", user_id, status.value)
 
 
 async def count_review_behaviour(conn: asyncpg.Connection, user_id: str, on_time: bool) -> None:

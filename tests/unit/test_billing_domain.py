@@ -571,3 +571,14 @@ def test_a_cycle_bills_anything_when_it_carries_principal_fee_or_penalty():
     assert not bills_anything([zero, zero])
     for key in zero:
         assert bills_anything([zero, {**zero, key: 1}])
+
+
+def test_what_a_repayment_line_paid():
+    from services.billing.domain import ItemKind, LineKind, line_kind
+    assert line_kind(ItemKind.INSTALLMENT, billed=False) is LineKind.INSTALLMENT
+    assert line_kind(ItemKind.INSTALLMENT, billed=True) is LineKind.INSTALLMENT
+    assert line_kind(ItemKind.STATEMENT, billed=True) is LineKind.STATEMENT
+    assert line_kind(ItemKind.STATEMENT, billed=False) is LineKind.OPEN_CYCLE
+    from typing import get_args
+    from shared.events import AllocationLine
+    assert {k.value for k in LineKind} == set(get_args(AllocationLine.model_fields["kind"].annotation))

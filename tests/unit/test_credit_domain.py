@@ -143,3 +143,20 @@ def test_restore_gives_the_principal_back_once():
     d = on_restore(True, cmd, NOW)
     assert d.used == -200 and d.transfers[0].id == "restore:o-1:r:1"
     assert on_restore(False, cmd, NOW) is CREDIT_NOTHING
+
+
+def test_review_rules_from_the_environment():
+    from decimal import Decimal
+
+    import pytest
+
+    from services.credit.domain import ReviewRules
+    from shared.settings import SettingsError
+    assert ReviewRules.from_env({}) == ReviewRules()
+    assert ReviewRules.from_env({"HUABEI_REVIEW_INTERVAL_DAYS": " ", "HUABEI_RESERVATION_TTL_SECONDS": ""}) == ReviewRules()
+    rules = ReviewRules.from_env({"HUABEI_REVIEW_INTERVAL_DAYS": "7", "HUABEI_REVIEW_RAISE_PCT": "12.5"})
+    assert (rules.interval_days, rules.raise_pct) == (7, Decimal("0.125"))
+    for name, bad in (("HUABEI_REVIEW_INTERVAL_DAYS", "0"), ("HUABEI_REVIEW_MIN_ON_TIME", "-1"),
+                      ("HUABEI_REVIEW_RAISE_PCT", "ten"), ("HUABEI_RESERVATION_TTL_SECONDS", "1.5")):
+        with pytest.raises(SettingsError, match=name):
+            ReviewRules.from_env({name: bad})
