@@ -67,7 +67,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from deploy import bench
-from deploy.audit import audit_settled
+from deploy.audit import Report, audit, audit_settled
 from deploy.demo import KAFKA, URLS, envelope, register_user, top_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +202,32 @@ def credit_line_problems(user: str, account: dict, expected_used: int) -> list[s
     if used != expected_used:
         problems.append(f"{user}: credit used {used} fen, the outcomes say {expected_used} fen")
     return problems
+
+
+def audit_gaps(figures: dict[str, int]) -> dict[str, int]:
+    """The differences deploy.audit reports when it fails (all zero when it passes), from its figures."""
+    f = figures
+    net_in = (f["bank channel: money in"] - f["bank channel: money out"] + f["huabei owed by buyers"]
+              + f["huabei fees and penalties owed"])
+    accounted = sum(f[k] for k in ("wallet balances", "escrow holds", "repayments not yet allocated",
+                                   "merchant fee revenue", "withdrawal fee revenue", "installment fee revenue",
+                                   "penalty revenue"))
+    return {"gateway to escrow": f["handed to escrow (gateway ledger)"] - f["received from gateway (escrow ledger)"],
+            "credit to gateway": f["lent through the gateway (credit ledger)"] - f["taken from the lender (gateway ledger)"],
+            "gateway to billing": f["fees paid to billing (gateway ledger)"] - f["fees received (billing ledger)"],
+            "conservation": net_in - accounted}
+
+
+def audit_problems(before: Report | None, after: Report) -> list[str]:
+    """The audit's problems after the run. When it already failed before the first fault (a
+    platform with history), only what the run changed: a new ledger problem, or a discrepancy
+    that is not the same as before."""
+    if after.ok or before is None or before.ok:
+        return after.problems
+    ledger_problems = [p for p in after.problems if " ledger: " in p and p not in before.problems]
+    was, now = audit_gaps(before.figures), audit_gaps(after.figures)
+    return ledger_problems + [f"{name}: the discrepancy was {was[name]} fen before the first fault, {now[name]} fen now"
+                              for name in now if now[name] != was[name]]
 
 
 @dataclass
@@ -421,7 +447,6 @@ class Chaos:
         self.arrivals: list[float] = []
         self.redelivered = 0
         self.repayments: dict[str, dict] = {}    # idempotency key -> {buyer, body, answer}
-        self.problems: list[str] = []
         self.tasks: set[asyncio.Task] = set()
         self.placing = True
         self.t0 = time.monotonic()
@@ -687,6 +712,10 @@ async def run(args: argparse.Namespace) -> int:
     results: list[FaultResult] = []
     ok = True
     try:
+        before = await audit_settled(10)
+        if not before.ok:
+            print("   the audit fails before the first fault (the platform's history); the run must not change it:\n"
+                  + "\n".join(f"     {p}" for p in before.problems), flush=True)
         await chaos.setup()
         chaos.t0 = time.monotonic()
         chaos.spawn(chaos.load())
@@ -694,13 +723,15 @@ async def run(args: argparse.Namespace) -> int:
         for name in args.faults:
             results.append(await chaos.inject(name))
         chaos.placing = False
-        placed = len(chaos.orders)
-        print(f"== load stopped after {placed} orders; waiting for the last outcomes", flush=True)
+        print("== load stopped; waiting for the last outcomes", flush=True)
         drained = await chaos.drain()
+        placed = len(chaos.orders)
         await asyncio.sleep(2)  # late doubles
         outcomes = check_outcomes(chaos.expected, chaos.seen)
         money = await chaos.check_money()
-        audit = await audit_settled(30)
+        deadline = time.monotonic() + 30  # money may still be in flight between services
+        while (audit_found := audit_problems(before, await audit())) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
     finally:
         platform.cont()
         await platform.stop_twins()
@@ -725,7 +756,7 @@ async def run(args: argparse.Namespace) -> int:
             + [f"unexpected: {k}" for k in outcomes.unexpected[:20]]
             + ([] if drained else ["not everything settled within the drain time"])),
         "no double charge: wallets and credit lines equal their outcomes": money,
-        "audit (ledgers equal their transfers, conservation)": audit.problems,
+        "audit (ledgers equal their transfers, conservation)": audit_found,
     }
     print("\n== checks")
     for name, problems in checks.items():

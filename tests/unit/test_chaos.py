@@ -107,3 +107,36 @@ def test_render_table():
     assert "21.5 s" in lines[2] and "14.2 s" in lines[2] and "7.0 s" in lines[2]
     assert "never" in lines[3] and "ERROR: boom" in lines[3]
     assert results[0].ok and not results[1].ok
+
+
+def audit_report(problems=(), **changes) -> "chaos.Report":
+    figures = {"bank channel: money in": 1_000, "bank channel: money out": 0, "huabei owed by buyers": 0,
+               "huabei fees and penalties owed": 0, "wallet balances": 600, "escrow holds": 400,
+               "repayments not yet allocated": 0, "merchant fee revenue": 0, "withdrawal fee revenue": 0,
+               "installment fee revenue": 0, "penalty revenue": 0, "handed to escrow (gateway ledger)": 400,
+               "received from gateway (escrow ledger)": 400, "lent through the gateway (credit ledger)": 0,
+               "taken from the lender (gateway ledger)": 0, "fees paid to billing (gateway ledger)": 0,
+               "fees received (billing ledger)": 0}
+    return chaos.Report(figures | changes, list(problems))
+
+
+def test_audit_gaps_are_zero_when_the_books_agree():
+    assert set(chaos.audit_gaps(audit_report().figures).values()) == {0}
+    gaps = chaos.audit_gaps(audit_report(**{"received from gateway (escrow ledger)": 450, "escrow holds": 450}).figures)
+    assert gaps["gateway to escrow"] == -50 and gaps["conservation"] == -50
+
+
+def test_audit_problems_after_a_clean_start_are_the_audits():
+    assert chaos.audit_problems(audit_report(), audit_report()) == []
+    assert chaos.audit_problems(audit_report(), audit_report(["boom"])) == ["boom"]
+    assert chaos.audit_problems(None, audit_report(["boom"])) == ["boom"]
+
+
+def test_audit_problems_after_a_failing_start_are_what_the_run_changed():
+    before = audit_report(["gateway ledger: old", "conservation: ..."], **{"escrow holds": 450})
+    # more money moved, the same discrepancy: nothing new
+    same = audit_report(["gateway ledger: old", "conservation: ..."], **{"escrow holds": 550, "wallet balances": 500})
+    assert chaos.audit_problems(before, same) == []
+    worse = audit_report(["gateway ledger: old", "gateway ledger: new", "conservation: ..."], **{"escrow holds": 460})
+    found = chaos.audit_problems(before, worse)
+    assert found[0] == "gateway ledger: new" and "conservation" in found[1] and "-50 fen before" in found[1]
