@@ -13,6 +13,7 @@ retries it from the same offsets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -21,7 +22,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from shared import events, inbox, kafka, metrics, outbox, topics
+from shared import events, inbox, kafka, metrics, outbox, topics, tracing
 from shared.events import DecodeError, Envelope, Strict
 
 log = structlog.get_logger("consumer")
@@ -32,6 +33,8 @@ Handler = Callable[[asyncpg.Connection, Envelope, Strict], Awaitable[None]]
 # caller's transaction; returns those it left to the one-by-one handler (unusual cases).
 BatchHandler = Callable[[asyncpg.Connection, list[tuple[Envelope, Strict]]],
                         Awaitable[list[tuple[Envelope, Strict]]]]
+
+_UNTRACED = contextlib.nullcontext({})  # tracing off: no span, no extra log fields
 
 TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
              asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
@@ -178,7 +181,10 @@ class ConsumerLoop:
         handler = sub.batch_handlers[run[0].env.type]
         by_id = {d.env.event_id: d for d in run}
         try:
-            left = await handler(conn, [(d.env, d.data) for d in run])
+            # Log lines naming one of the run's orders get its correlation_id; tracing on: one
+            # span linked to every record's context (shared/tracing.py).
+            with tracing.set_run(sub.topic, run[0].env.type, run):
+                left = await handler(conn, [(d.env, d.data) for d in run])
         except TRANSIENT:
             raise
         except Exception as exc:
@@ -198,8 +204,11 @@ class ConsumerLoop:
         if handler is None:
             metrics.CONSUMED.labels(topic=topic, outcome="ignored").inc()
             return
-        with structlog.contextvars.bound_contextvars(event_id=env.event_id, correlation_id=env.correlation_id,
-                                                     event_type=env.type):
+        # Tracing on: a consumer span per record, child of its traceparent; its ids go in the logs.
+        with (tracing.consuming(topic, d.record, env) if tracing.ENABLED else _UNTRACED) as trace_ids, \
+                structlog.contextvars.bound_contextvars(
+                    event_id=env.event_id, correlation_id=env.correlation_id or getattr(d.data, "order_id", None),
+                    event_type=env.type, **trace_ids):
             try:
                 async with conn.transaction():  # savepoint: a failing handler leaves no trace
                     await handler(conn, env, d.data)
@@ -208,6 +217,8 @@ class ConsumerLoop:
             except Exception as exc:
                 # A bug or a rule violation this record triggers every time: park it, move on.
                 log.exception("handler failed; record dead-lettered")
+                if tracing.ENABLED:
+                    tracing.failed(exc)
                 await self._dead_letter(conn, d.record, "HANDLER_ERROR", f"{type(exc).__name__}: {exc}")
                 return
             metrics.CONSUMED.labels(topic=topic, outcome="applied").inc()

@@ -1,5 +1,6 @@
-"""Structured JSON logs, one object per line, with the service, event and correlation ids.
-Library logs (aiokafka, uvicorn) go through the same JSON renderer."""
+"""Structured JSON logs, one object per line, with the service, event and correlation ids (and,
+tracing on, the trace id: shared/tracing.py). Library logs (aiokafka, uvicorn) go through the
+same JSON renderer."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +8,11 @@ import sys
 
 import structlog
 
+from shared import tracing
+
 _PRE_CHAIN = [
     structlog.contextvars.merge_contextvars,
+    tracing.add_set_run_ids,  # lines about one order of a set-based batch: its correlation_id
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 from fastapi import APIRouter
 
-from shared import db, http, kafka, logs, settings as settings_mod, topics
+from shared import db, http, kafka, logs, settings as settings_mod, topics, tracing
 from shared.clock import ControllableClock, SystemClock, make_clock
 from shared.consumer import ConsumerLoop, Subscription
 from shared.outbox import Relay
@@ -55,8 +55,9 @@ async def run(spec: ServiceSpec) -> None:
     settings = settings_mod.load(spec.name)
     security = kafka.Security.from_env()
     logs.configure(spec.name)
+    traces = tracing.configure(spec.name)  # DANBAO_TRACING; off by default
     log.info("starting", kafka=settings.kafka_bootstrap_servers, kafka_security=security.describe(),
-             clock=settings.clock_mode)
+             clock=settings.clock_mode, tracing=traces.describe())
     # Wrong credentials end the process here, with the broker's reason, instead of clients
     # retrying "Unable to bootstrap" forever.
     await kafka.check_access(settings.kafka_bootstrap_servers, security)
@@ -73,6 +74,7 @@ async def run(spec: ServiceSpec) -> None:
     ctx = Context(settings=settings, pool=pool, producer=producer, clock=clock, deps=spec.deps(settings))
 
     app = http.create_app(spec.name, spec.routers)
+    tracing.instrument_app(app)
     app.state.ctx = ctx
     server = _Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
                                    access_log=False, lifespan="off"))
@@ -104,6 +106,7 @@ async def run(spec: ServiceSpec) -> None:
     await producer.stop()
     await clock.stop()
     await pool.close()
+    tracing.shutdown()  # flushes the spans still buffered
     if failed:
         raise SystemExit(1)
 

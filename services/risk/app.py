@@ -30,6 +30,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from shared import events, topics
+from shared.tracing import trace_headers
 from shared.kafka import KafkaAccessError, Security
 from shared.settings import SettingsError, env, env_choice, env_int
 from shared.consumer import dead_letter_headers
@@ -163,6 +164,11 @@ def build(settings: EngineSettings) -> faust.App:
             return
         try:
             payload = {"raw": msg.value.decode()}
+            # W3C trace context: the request's traceparent / tracestate go on to its decision
+            # (through the card stage inside the payload), so the order's trace continues.
+            trace = trace_headers(msg.headers)
+            if trace:
+                payload["trace"] = [[k, v.decode("latin-1")] for k, v in trace]
             if isinstance(data, CardDeclined) or data.card_token is not None:
                 await by_card.send(key=data.card_token.encode(), value=payload)
             elif isinstance(data, PaymentAbandoned):
@@ -170,7 +176,7 @@ def build(settings: EngineSettings) -> faust.App:
             else:
                 # risk.requests is keyed by buyer_id like <app>-by-buyer, so this partition
                 # is the buyer's partition there too: decide here, one hop less.
-                await decide(env, data, None)
+                await decide(env, data, None, trace)
         except Exception as exc:  # a bug: park the record, keep the stream moving
             RECORDS.labels(outcome="dead_letter").inc()
             log.exception("routing failed; record dead-lettered", event_id=env.event_id)
@@ -226,7 +232,7 @@ def build(settings: EngineSettings) -> faust.App:
         if isinstance(req, PaymentAbandoned):
             forget(env, req)
             return
-        await decide(env, req, payload.get("card"))
+        await decide(env, req, payload.get("card"), [(k, v.encode("latin-1")) for k, v in payload.get("trace", ())])
 
     def forget(env: events.Envelope, abandoned: PaymentAbandoned) -> None:
         """A payment the buyer's daily window counted failed later: out of the window."""
@@ -238,8 +244,9 @@ def build(settings: EngineSettings) -> faust.App:
             log.info("failed payment taken out of the buyer's daily window", order_id=abandoned.order_id,
                      buyer_id=abandoned.buyer_id, amount=abandoned.amount)
 
-    async def decide(env: events.Envelope, req: Any, card: dict | None) -> None:
-        """The buyer's windows and the decision, in the buyer's partition (buyers, pairs)."""
+    async def decide(env: events.Envelope, req: Any, card: dict | None, trace: list[tuple[str, bytes]] = ()) -> None:
+        """The buyer's windows and the decision, in the buyer's partition (buyers, pairs).
+        `trace`: the request's traceparent / tracestate headers, put on the decision."""
         card = card or {}
         key = req.buyer_id.encode()
         state = domain.BuyerState.from_json(buyers.get(key))
@@ -258,7 +265,7 @@ def build(settings: EngineSettings) -> faust.App:
                         message=decision.message),
             source=SOURCE, occurred_at=req.accepted_at, correlation_id=req.order_id,
             causation_id=env.event_id, event_id=domain.decision_event_id(env.event_id))
-        await decisions_topic.send(key=req.order_id.encode(), value=events.encode(record))
+        await decisions_topic.send(key=req.order_id.encode(), value=events.encode(record), headers=list(trace) or None)
         if duplicate:
             RECORDS.labels(outcome="duplicate").inc()
             log.info("duplicate request: decision sent again", event_id=env.event_id, order_id=req.order_id,
@@ -274,7 +281,9 @@ def build(settings: EngineSettings) -> faust.App:
             # Every rule that fires is logged. Plain approvals (nearly all, and in risk.decisions
             # anyway) are not: at full load that line cost a fifth of the engine's CPU.
             orders, amount = state.windows(at, rules)
-            log.info("risk decided", event_id=env.event_id, correlation_id=req.order_id, order_id=req.order_id,
+            trace_id = dict(trace).get("traceparent", b"")[3:35].decode("latin-1") or None
+            log.info("risk decided", event_id=env.event_id, correlation_id=req.order_id, trace_id=trace_id,
+                     order_id=req.order_id,
                      buyer_id=req.buyer_id, seller_id=req.seller_id, amount=req.amount, decision=decision.decision,
                      rules=list(decision.rules), message=decision.message,
                      buyer={"orders_in_velocity_window": orders, "accepted_amount_in_daily_window": amount,
