@@ -96,6 +96,22 @@ def test_extract_gives_none_without_a_valid_traceparent(headers):
     assert tracing.extract(headers) is None
 
 
+@pytest.mark.parametrize("value", [TRACEPARENT, f"00-{TRACE}-{PARENT}-00", f"01-{TRACE}-{PARENT}-01-extra",
+                                   f"00-{TRACE}-{PARENT}-01-extra", f"ff-{TRACE}-{PARENT}-01", TRACEPARENT.upper(),
+                                   f" {TRACEPARENT} ", f"00-{TRACE}-{'0' * 16}-01", f"00-{TRACE}-{PARENT}-1", ""])
+def test_extract_agrees_with_the_sdks_w3c_propagator(value):
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {"traceparent": value, "tracestate": "a=1,b=2"}
+    sdk = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
+    ours = tracing.extract([(k, v.encode()) for k, v in carrier.items()])
+    if not sdk.is_valid:
+        assert ours is None
+    else:
+        assert (ours.trace_id, ours.span_id, ours.trace_flags, ours.trace_state.to_header(), ours.is_remote) == (
+            sdk.trace_id, sdk.span_id, sdk.trace_flags, sdk.trace_state.to_header(), True)
+
+
 def test_inject_and_extract_round_trip_with_tracestate(spans):
     headers = [("traceparent", TRACEPARENT.encode()), ("tracestate", b"vendor=abc,other=1")]
     with trace.get_tracer("t").start_as_current_span("x", context=tracing._parent(tracing.extract(headers))):
