@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.protocol.admin import DescribeGroupsRequest, DescribeGroupsRequest_v2
 
 from deploy.audit import audit_settled
 from deploy.ops import dlq
@@ -103,6 +104,25 @@ async def _parked(db: Databases) -> Check:
                  f"{n} waiting for their OrderPlaced (they expire by themselves)" if n else "none", rows)
 
 
+class _DescribeGroupsV2(DescribeGroupsRequest):
+    """DescribeGroups pinned to v2: aiokafka's v3 request names the v2 response layout, so the
+    answer of a broker that speaks v3 (Kafka 3.x) fails to decode. v2 carries all we read."""
+
+    def build(self, request_struct_class):
+        return DescribeGroupsRequest_v2(self._groups)
+
+
+async def _group_states(admin: AIOKafkaAdminClient, groups: list[str]) -> dict[str, str]:
+    by_coordinator: dict[int, list[str]] = {}
+    for g in groups:
+        by_coordinator.setdefault(await admin.find_coordinator(g), []).append(g)
+    states = {}
+    for node, names in by_coordinator.items():
+        response = await admin._send_request(_DescribeGroupsV2(names), node)  # noqa: SLF001 - see the class
+        states.update({g[1]: g[2] for g in response.groups})
+    return states
+
+
 async def consumer_lag() -> list[dict[str, Any]]:
     """Committed offset and lag of every consumer group, per partition, with the group's state
     (`Stable` while it has members; `Empty` once they are all gone)."""
@@ -111,10 +131,7 @@ async def consumer_lag() -> list[dict[str, Any]]:
     rows = []
     try:
         groups = sorted(g[0] for g in await admin.list_consumer_groups())
-        states: dict[str, str] = {}
-        for response in (await admin.describe_consumer_groups(groups)) if groups else []:
-            for g in response.groups:
-                states[g[1]] = g[2]
+        states = await _group_states(admin, groups)
         committed: dict[str, dict[TopicPartition, int]] = {}
         for g in groups:
             offsets = await admin.list_consumer_group_offsets(g)
