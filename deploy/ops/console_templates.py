@@ -28,7 +28,7 @@ BASE = """<!doctype html>
  .at{color:#667;font-family:ui-monospace,monospace;font-size:12px} .kind{display:inline-block;min-width:80px;color:#555}
  pre{background:#f3f4f7;padding:6px;overflow:auto;font-size:12px;margin:4px 0}
  textarea{width:100%;font-family:ui-monospace,monospace;font-size:12px}
- button{padding:4px 12px;cursor:pointer;white-space:nowrap} details.inline{display:inline;margin-left:8px} .muted{color:#778}
+ button{padding:4px 12px;cursor:pointer;white-space:nowrap} details.inline{display:inline;margin-left:8px} details.inline summary{display:inline;cursor:pointer} details.inline[open]{display:block} .muted{color:#778}
  .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(380px,1fr));gap:14px} .grid section{margin:0}
 </style></head>
 <body>
@@ -178,7 +178,7 @@ DEAD_LETTER = """{% extends "base" %}{% block title %}Dead letter {{ position }}
 <section><table>
  <tr><td class="muted">error</td><td><b class="error">{{ d.code }}</b> {{ d.message }}</td></tr>
  <tr><td class="muted">from</td><td>{{ d.original_topic }} partition {{ d.original_partition }} offset {{ d.original_offset }}</td></tr>
- <tr><td class="muted">key</td><td>{{ d.key }}</td></tr><tr><td class="muted">dead-lettered</td><td>{{ when(d.at) }}</td></tr>
+ <tr><td class="muted">key</td><td>{% if d.key %}<a href="/search?q={{ d.key|urlencode }}">{{ d.key }}</a>{% endif %}</td></tr><tr><td class="muted">dead-lettered</td><td>{{ when(d.at) }}</td></tr>
  {% if d.replay_of %}<tr><td class="muted">replay of</td><td>{{ d.replay_of }}</td></tr>{% endif %}
  <tr><td class="muted">headers</td><td><pre>{{ d.headers|tojson_pretty }}</pre></td></tr></table></section>
 <section><h2>{% if replay %}Replayed{% else %}Replay{% endif %}</h2>
