@@ -146,6 +146,12 @@ def create_app(tokens: tuple[str, ...] | None = None) -> FastAPI:
             return None
         return form
 
+    @app.exception_handler(Exception)
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        """A page whose data cannot be read (Postgres or Kafka away) says so instead of a bare 500."""
+        caller = authorised(request)
+        return page("error", 503, caller=caller, error=f"{type(exc).__name__}: {exc}" if caller else "unavailable")
+
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "service": "console"})

@@ -194,5 +194,10 @@ DEAD_LETTER = """{% extends "base" %}{% block title %}Dead letter {{ position }}
 {% endif %}
 {% endblock %}"""
 
-TEMPLATES = {"base": BASE, "login": LOGIN, "check": CHECK, "overview": OVERVIEW, "order": ORDER, "user": USER,
+ERROR = """{% extends "base" %}{% block title %}Unavailable{% endblock %}{% block main %}
+<h1>This page cannot be shown now</h1><p class="banner error" id="unavailable">{{ error }}</p>
+<p class="muted">The console reads the services' databases and Kafka directly: is the platform up? <code>./danbao status</code></p>
+{% endblock %}"""
+
+TEMPLATES = {"error": ERROR, "base": BASE, "login": LOGIN, "check": CHECK, "overview": OVERVIEW, "order": ORDER, "user": USER,
              "dead_letters": DEAD_LETTERS, "dead_letter": DEAD_LETTER}

@@ -119,3 +119,14 @@ def test_lag_is_summed_per_group():
     assert overview.lag_by_group(rows) == [
         {"group": "f", "state": "Empty", "topics": "a", "partitions": 1, "lag": 0},
         {"group": "g", "state": "Stable", "topics": "a, b", "partitions": 2, "lag": 5}]
+
+
+def test_a_page_whose_data_cannot_be_read_says_so(monkeypatch):
+    async def broken(order_id):
+        raise OSError("connection refused")
+    monkeypatch.setattr(console.story, "order_story", broken)
+    client = TestClient(console.create_app(TOKENS), raise_server_exceptions=False)
+    r = client.get("/orders/o-1", headers={"Authorization": f"Bearer {TOKENS[0]}"})
+    assert r.status_code == 503 and "OSError: connection refused" in r.text
+    r = client.get("/orders/o-1")  # not logged in: sent to log in, nothing read
+    assert r.url.path == "/login"
