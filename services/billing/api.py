@@ -29,6 +29,12 @@ from shared import idempotency
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
+# How long the statements of a user billing does not know wait for the user's UserRegistered
+# (read-your-writes): longer than the projection's usual wait, to cover the consumer group's
+# rebalance after a billing restart (its session timeout is 10 s), when users.events is applied
+# late; only then is the user really unknown (404).
+USER_WAIT_SECONDS = 12.0
+
 
 class Statement(BaseModel):
     statement_id: str
@@ -119,7 +125,7 @@ async def list_statements(user_id: str, request: Request, caller: Principal = De
     now = ctx.clock.now()
     if not await _bring_up_to_date(ctx, user_id, now):
         # A user registered at the gateway a moment ago may not have reached us yet: wait for it.
-        if await projection.wait_for(lambda: store.known_user(ctx.pool, user_id)) is None:
+        if await projection.wait_for(lambda: store.known_user(ctx.pool, user_id), USER_WAIT_SECONDS) is None:
             raise ApiError(404, "USER_NOT_FOUND", f"no user {user_id} known to the billing service")
         return []
     async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):

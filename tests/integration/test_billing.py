@@ -175,7 +175,7 @@ async def test_purchase_is_billed_on_the_next_first_and_due_on_the_tenth(shop):
 
 async def test_statements_of_an_unknown_user_are_404_and_of_a_fresh_user_empty(shop):
     # As at the gateway: a user billing does not know is 404 USER_NOT_FOUND, not an empty list.
-    response = await shop.api("billing").get(f"/v1/huabei/{new_id('nobody')}/statements")
+    response = await shop.api("billing").get(f"/v1/huabei/{new_id('nobody')}/statements", timeout=30)
     assert response.status_code == 404 and response.json()["error"]["code"] == "USER_NOT_FOUND", response.text
     # A user registered a moment ago (no pause) is known, with no statements.
     assert await statements(shop, await shop.user("fresh")) == []
