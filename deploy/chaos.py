@@ -810,7 +810,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # not a warning per retried produce while Kafka is away
+    # The Kafka client's complaints while Kafka is away (one a second and more) go to the log file.
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_log.addHandler(logging.FileHandler(LOG_DIR / "chaos.log"))
+    kafka_log.propagate = False
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
