@@ -34,12 +34,13 @@ Then it checks, and exits 1 on any violation:
   * no double charge: every wallet of the run holds what its outcomes say (top-up, minus wallet
     payments, plus their refunds; sellers the net amounts released; repayment overpayments),
     and `deploy.audit` (each ledger's accounts equal their transfers, conservation across the
-    services) is OK;
+    services) is OK (if it already failed before the first fault, a platform with a history:
+    its discrepancies are unchanged);
   * every credit line of the run is within its limit, nothing stays reserved, and the line used
     equals the Huabei payments minus their refunds and the principal repaid;
   * every fault was injected and the platform came back after it.
 
-    ./danbao chaos                              every fault, full durations (about 10 minutes)
+    ./danbao chaos                              every fault, full durations (about 11 minutes)
     ./danbao chaos --short                      five faults, short durations (about 3 minutes)
     ./danbao chaos --faults kill-kafka,stop-postgres --hang 20
     ./danbao chaos --json out.json              the results as JSON as well
