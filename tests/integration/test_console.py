@@ -97,6 +97,8 @@ def shot(driver: WebDriver, name: str) -> None:
 
 
 def wait_for(driver: WebDriver, css: str, timeout: float = 20):
+    """The element once the page that has it is loaded: a click on a form or link returns before
+    the next page is there, so reading at once may read the old page (or nothing)."""
     return WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.CSS_SELECTOR, css))
 
 
@@ -134,7 +136,7 @@ async def test_console_shows_an_order_timeline_and_replays_a_fixed_dead_letter(s
         b.get(console + "/dead-letters")
         wait_for(b, "#token").send_keys("not-the-token")
         b.find_element(By.ID, "login").click()
-        assert "not an operator token" in text_of(b, "#login-error")
+        assert "not an operator token" in wait_for(b, "#login-error").text
         shot(b, "01-login-refused")
         b.find_element(By.ID, "token").send_keys(SECOND_TOKEN)
         b.find_element(By.ID, "login").click()
@@ -185,7 +187,7 @@ async def test_console_shows_an_order_timeline_and_replays_a_fixed_dead_letter(s
         value = wait_for(b, "#value")
         assert json.loads(value.get_attribute("value"))["data"]["amount"] == "lots"
         b.find_element(By.ID, "replay").click()
-        assert "INVALID_DATA" in text_of(b, "#replay-error")
+        assert "INVALID_DATA" in wait_for(b, "#replay-error").text
         shot(b, "06-replay-refused")
 
         fixed = json.loads(b.find_element(By.ID, "value").get_attribute("value"))
@@ -194,7 +196,7 @@ async def test_console_shows_an_order_timeline_and_replays_a_fixed_dead_letter(s
         value.clear()
         value.send_keys(json.dumps(fixed, indent=2))
         b.find_element(By.ID, "replay").click()
-        ok = text_of(b, "#replay-ok")
+        ok = wait_for(b, "#replay-ok").text
         assert "Replayed to orders.events" in ok and "edited" in ok, ok
         shot(b, "07-replayed")
         assert types(await shop.events(broken, 1, settle=0)) == ["PaymentSucceeded"]
@@ -204,14 +206,14 @@ async def test_console_shows_an_order_timeline_and_replays_a_fixed_dead_letter(s
 
         # A second replay of the same dead letter is refused and says by whom the first was done.
         b.find_element(By.ID, "replay").click()
-        error = text_of(b, "#replay-error")
+        error = wait_for(b, "#replay-error").text
         assert "ALREADY_REPLAYED" in error and fingerprint(SECOND_TOKEN) in error, error
         shot(b, "08-replay-again-refused")
 
         # The replayed order's story (its key links to it): paid.
         b.find_element(By.LINK_TEXT, broken).click()
         for _ in range(20):
-            if "PaymentSucceeded -> payments.events" in text_of(b, "#timeline"):
+            if "PaymentSucceeded -> payments.events" in wait_for(b, "#timeline").text:
                 break
             await asyncio.sleep(0.5)
             b.refresh()
