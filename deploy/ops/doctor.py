@@ -20,8 +20,9 @@ from aiokafka.protocol.admin import DescribeGroupsRequest, DescribeGroupsRequest
 from deploy.audit import audit_settled
 from deploy.ops import dlq
 from deploy.ops.common import SERVICES, Databases, kafka_kwargs, operator_client, platform_now, short_time, url
+from services.gateway.domain import SagaState
 
-IN_PROGRESS = ["NEW", "RISK_CHECK", "REVIEW", "RESERVING", "FUNDING", "HOLDING"]
+IN_PROGRESS = [s.value for s in SagaState if s.in_progress]
 
 
 @dataclass

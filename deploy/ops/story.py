@@ -14,9 +14,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from deploy.ops.common import SERVICES, Databases, fen, operator_client, platform_now, short_time, url
+from services.gateway.domain import SagaState
 from services.gateway.accounts import wallet as wallet_account
 
 _POSTED = ("posted", "post_pending")
+_SAGA_OVER = tuple(s.value for s in SagaState if not s.in_progress)
 # Gateway payment status -> escrow statuses that agree with it.
 _ESCROW_AGREES = {
     "HELD": {"HELD"},
@@ -129,7 +131,7 @@ async def order_story(order_id: str) -> dict[str, Any]:
                                    f"{t['code']}: {fen(t['amount'])} {t['debit_account']} -> {t['credit_account']} ({verb})",
                                    {k: t[k] for k in ("id", "kind", "pending_id", "amount", "debit_account", "credit_account")}))
     timers = []
-    if payment and payment["saga_state"] not in ("COMPLETED", "FAILED"):
+    if payment and payment["saga_state"] not in _SAGA_OVER:
         if payment.get("deadline_at"):
             timers.append(_entry(payment["deadline_at"], "gateway", "timer", f"saga {payment['saga_state']} deadline"))
         if payment.get("next_action_at") and payment.get("next_action_at") != payment.get("deadline_at"):
@@ -175,12 +177,12 @@ def order_problems(story: dict[str, Any], now: datetime) -> list[str]:
         agree = _ESCROW_AGREES.get(gw["status"], set())
         if (es["status"] if es else None) not in agree:
             problems.append(f"gateway says {gw['status']} but escrow says {es['status'] if es else 'no escrow'}")
-        if gw["payment_method"] == "huabei" and gw["saga_state"] in ("COMPLETED", "FAILED"):
+        if gw["payment_method"] == "huabei" and gw["saga_state"] in _SAGA_OVER:
             want = {"committed"} if gw["saga_state"] == "COMPLETED" else {None, "cancelled", "expired", "refused"}
             have = cr["state"] if cr else None
             if have not in want:
                 problems.append(f"gateway saga {gw['saga_state']} but the credit reservation is {have or 'missing'}")
-        if gw["saga_state"] not in ("COMPLETED", "FAILED") and gw.get("deadline_at") and gw["deadline_at"] < now:
+        if gw["saga_state"] not in _SAGA_OVER and gw.get("deadline_at") and gw["deadline_at"] < now:
             problems.append(f"saga {gw['saga_state']} is past its deadline {short_time(gw['deadline_at'])}")
     if es is not None and es["status"] == "HELD" and es.get("auto_confirm_at") and es["auto_confirm_at"] < now - timedelta(minutes=1):
         problems.append(f"hold past its auto-confirm time {short_time(es['auto_confirm_at'])}")
@@ -190,7 +192,7 @@ def order_problems(story: dict[str, Any], now: datetime) -> list[str]:
     gt = transfers.get("gateway", [])
     resolved = {t["pending_id"] for t in gt if t["pending_id"]}
     for t in gt:
-        if t["kind"] == "pending" and t["id"] not in resolved and gw and gw["saga_state"] in ("COMPLETED", "FAILED"):
+        if t["kind"] == "pending" and t["id"] not in resolved and gw and gw["saga_state"] in _SAGA_OVER:
             problems.append(f"gateway pending transfer {t['id']} was never posted nor voided")
     # The two sides of each hand-over between ledgers.
     handed = _net(gt, "escrow", credit_side=True)
