@@ -213,18 +213,12 @@ def order_problems(story: dict[str, Any], now: datetime) -> list[str]:
     return problems
 
 
-def _mask(value: Any) -> Any:
-    text = str(value or "")
-    return text if len(text) <= 4 or "*" in text else "*" * (len(text) - 4) + text[-4:]
-
-
 async def user_story(user_id: str) -> dict[str, Any]:
     wallet = wallet_account(user_id)
     async with Databases() as db:
         user = (await db.fetch("gateway", "SELECT * FROM gateway.users WHERE user_id = $1", user_id) or [None])[0]
-        if user:  # personal data: never shown in clear
-            user = {k: (_mask(v) if k in ("phone", "id_number") else v) for k, v in user.items()
-                    if not k.endswith("_hash")}
+        if user:  # the tables hold personal data only masked and hashed; the hashes are left out
+            user = {k: v for k, v in user.items() if not k.endswith("_hash")}
         balance = (await db.fetch("gateway", "SELECT * FROM gateway.ledger_balances WHERE id = $1", wallet) or [None])[0]
         cached = (await db.fetch("gateway", "SELECT * FROM gateway.ledger_accounts WHERE id = $1", wallet) or [None])[0]
         wallet_moves = await db.fetch("gateway", """SELECT id, debit_account, credit_account, amount, kind, code, order_id,
@@ -242,7 +236,7 @@ async def user_story(user_id: str) -> dict[str, Any]:
                                             ORDER BY order_id""", user_id)
         huabei = (await db.fetch("credit", "SELECT * FROM credit.huabei_accounts WHERE user_id = $1", user_id) or [None])[0]
         if huabei:
-            huabei = {k: v for k, v in huabei.items() if k not in ("id_number", "phone") and not k.endswith("_hash")}
+            huabei = {k: v for k, v in huabei.items() if not k.endswith("_hash")}
         reservations = await db.fetch("credit", """SELECT order_id, amount, state, expires_at FROM credit.reservations
                                                    WHERE user_id = $1 AND state = 'reserved' ORDER BY expires_at""", user_id)
         repayments = await db.fetch("gateway", """SELECT repayment_id, amount, source, state, created_at FROM gateway.repayments
