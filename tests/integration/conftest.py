@@ -366,3 +366,15 @@ class Shop:
 
 def types(events: list[dict]) -> list[str]:
     return [e["type"] for e in events]
+
+
+@pytest.fixture
+def ops_env(infra, monkeypatch):
+    """The ops tools (deploy/ops) read where everything is from the environment, as `./danbao` gives it;
+    returns that environment for subprocesses."""
+    env = {"DATABASE_URL": infra.database_url, "KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "DANBAO_API_TOKEN": API_TOKEN}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("GATEWAY_DATABASE_URL", "ESCROW_DATABASE_URL", "CREDIT_DATABASE_URL", "BILLING_DATABASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    return {**os.environ, **env}

@@ -42,16 +42,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ops_env(infra, monkeypatch):
-    """The ops tools this test calls itself read where everything is from the environment."""
-    env = {"DATABASE_URL": infra.database_url, "KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "DANBAO_API_TOKEN": API_TOKEN}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    for k in ("GATEWAY_DATABASE_URL", "ESCROW_DATABASE_URL", "CREDIT_DATABASE_URL", "BILLING_DATABASE_URL"):
-        monkeypatch.delenv(k, raising=False)
-
-
-@pytest.fixture
 async def console(service_env, services):
     """The console as `./danbao console` runs it, on a free port, with the services' settings."""
     port = _free_port()

@@ -3,28 +3,14 @@ and the doctor finding a saga stuck behind a dead gateway until it recovers."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 
-import pytest
-
 from deploy.ops import dlq, doctor, story
 from deploy.ops.common import dumps
-from tests.integration.conftest import API_TOKEN, ROOT, envelope, eventually, new_id, types
-
-
-@pytest.fixture
-def ops_env(infra, monkeypatch):
-    """The ops tools read where everything is from the environment, as `./danbao` gives it."""
-    env = {"DATABASE_URL": infra.database_url, "KAFKA_BOOTSTRAP_SERVERS": infra.kafka, "DANBAO_API_TOKEN": API_TOKEN}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    for k in ("GATEWAY_DATABASE_URL", "ESCROW_DATABASE_URL", "CREDIT_DATABASE_URL", "BILLING_DATABASE_URL"):
-        monkeypatch.delenv(k, raising=False)
-    return {**os.environ, **env}
+from tests.integration.conftest import ROOT, envelope, eventually, new_id, types
 
 
 def ops_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
