@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -27,7 +28,6 @@ from services.billing import domain as billing
 from services.credit import domain as credit
 from services.escrow import domain as escrow
 from services.gateway import accounts as gateway
-from deploy.ops.common import dsn
 from shared import ledger
 
 
@@ -47,6 +47,11 @@ class Report:
         return "\n".join(lines)
 
 
+def _dsn(service: str) -> str:
+    return (os.environ.get(f"{service.upper()}_DATABASE_URL") or os.environ.get("DATABASE_URL")
+            or "postgresql://danbao@127.0.0.1:5432/danbao")
+
+
 async def _sum(conn: asyncpg.Connection, schema: str, where: str, account: str, expr: str) -> int:
     """sum(expr) over the accounts of `schema`'s ledger that `where` selects with $1 = `account`."""
     return await conn.fetchval(f"SELECT coalesce(sum({expr}), 0)::bigint FROM {schema}.ledger_balances WHERE {where}",
@@ -54,7 +59,7 @@ async def _sum(conn: asyncpg.Connection, schema: str, where: str, account: str, 
 
 
 async def audit(dsns: dict[str, str] | None = None) -> Report:
-    dsns = dsns or {s: dsn(s) for s in ("gateway", "escrow", "credit", "billing")}
+    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow", "credit", "billing")}
     report = Report()
     credit_balance = "credits_posted - debits_posted"
     debit_balance = "debits_posted - credits_posted"
