@@ -47,7 +47,8 @@ class Report:
         return "\n".join(lines)
 
 
-def _dsn(service: str) -> str:
+def dsn(service: str) -> str:
+    """Where `service` keeps its schema: its own URL, else DATABASE_URL."""
     return (os.environ.get(f"{service.upper()}_DATABASE_URL") or os.environ.get("DATABASE_URL")
             or "postgresql://danbao@127.0.0.1:5432/danbao")
 
@@ -59,7 +60,7 @@ async def _sum(conn: asyncpg.Connection, schema: str, where: str, account: str, 
 
 
 async def audit(dsns: dict[str, str] | None = None) -> Report:
-    dsns = dsns or {s: _dsn(s) for s in ("gateway", "escrow", "credit", "billing")}
+    dsns = dsns or {s: dsn(s) for s in ("gateway", "escrow", "credit", "billing")}
     report = Report()
     credit_balance = "credits_posted - debits_posted"
     debit_balance = "debits_posted - credits_posted"

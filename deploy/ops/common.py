@@ -9,14 +9,10 @@ from typing import Any
 import asyncpg
 import httpx
 
+from deploy.audit import dsn  # noqa: F401 - the audit says where each service keeps its schema
 from shared.settings import DEFAULT_URLS
 
 SERVICES = ("gateway", "escrow", "credit", "billing")
-
-
-def dsn(service: str) -> str:
-    return (os.environ.get(f"{service.upper()}_DATABASE_URL") or os.environ.get("DATABASE_URL")
-            or "postgresql://danbao@127.0.0.1:5432/danbao")
 
 
 def url(service: str) -> str:
