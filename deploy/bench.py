@@ -130,6 +130,64 @@ def latency_line(lat: dict[str, float] | None) -> str:
     return f"p50 {ms(lat['p50'])}, p95 {ms(lat['p95'])}, p99 {ms(lat['p99'])}, max {ms(lat['max'])}"
 
 
+# ---------------------------------------------------------------- CPU per saga
+CPU_GROUPS = (  # (label, what its command line contains), in the order printed
+    ("gateway", "services.gateway"), ("risk", "services.risk"), ("escrow", "services.escrow"),
+    ("credit", "services.credit"), ("billing", "services.billing"), ("console", "deploy.ops.console"),
+    ("postgres", "postgres"), ("kafka", "kafka.Kafka"))
+
+
+class CpuMeter:
+    """User + system CPU time of the platform's local processes (from /proc), per group, and of
+    this benchmark itself: CPU per saga does not depend on what else the machine is doing, as
+    the rate does. Processes of another machine or container are not seen (then: no figures)."""
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @classmethod
+    def sample(cls) -> dict[int, tuple[str, int]]:
+        """pid -> (group, CPU ticks so far)."""
+        seen: dict[int, tuple[str, int]] = {}
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            group = "bench" if pid == os.getpid() else next(
+                (label for label, marker in CPU_GROUPS if marker in cmdline), None)
+            if group:
+                seen[pid] = (group, int(fields[11]) + int(fields[12]))  # utime + stime
+        return seen
+
+    @classmethod
+    def per_saga_ms(cls, before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
+                    sagas: int) -> dict[str, float] | None:
+        """CPU milliseconds per saga by group, and in total, between two samples."""
+        if not sagas or not any(group != "bench" for group, _ in after.values()):
+            return None
+        ticks: Counter = Counter()
+        for pid, (group, now) in after.items():
+            ticks[group] += now - before.get(pid, (group, 0))[1]
+        order = [label for label, _ in CPU_GROUPS] + ["bench"]
+        out = {g: round(ticks[g] * 1000 / cls.TICK / sagas, 2) for g in order if ticks[g]}
+        out["total"] = round(sum(ticks.values()) * 1000 / cls.TICK / sagas, 2)
+        return out
+
+
+def cpu_line(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return "not measured (the platform's processes are not on this machine)"
+    parts = ", ".join(f"{g} {v:.2f}" for g, v in cpu.items() if g != "total")
+    ceiling = (os.cpu_count() or 1) * 1000 / cpu["total"] if cpu["total"] else 0
+    return f"{cpu['total']:.2f} ms ({parts}); {os.cpu_count()} cores allow at most ~{ceiling:.0f} sagas/s"
+
+
 # ---------------------------------------------------------------- the platform
 async def register_buyers(token: str, work: Workload) -> None:
     """Registers the seller and the buyers at the gateway and tops up the buyers' wallets."""
@@ -229,6 +287,7 @@ async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, 
     try:
         sent: dict[str, float] = {}
         worst_lag = 0.0
+        cpu_before = CpuMeter.sample()
         started = time.monotonic()
         for i, (order, buyer, _) in enumerate(work.orders):
             if rate is None:
@@ -245,6 +304,7 @@ async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, 
         await producer.flush()
         publish_seconds = time.monotonic() - started
         await outcomes.wait(timeout)
+        cpu_after = CpuMeter.sample()
         await asyncio.sleep(grace)  # late duplicates
     finally:
         await outcomes.stop()
@@ -268,6 +328,7 @@ async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, 
         "first_outcome_seconds": round(min(arrivals) - started, 3) if arrivals else None,
         "waited_seconds": timeout,
         "latency_ms": latency_ms([arrived - sent[order] for order, (arrived, _) in outcomes.first.items()]),
+        "cpu_ms_per_saga": CpuMeter.per_saga_ms(cpu_before, cpu_after, len(arrivals)),
     }
     result["ok"] = result["missing"] == 0 and succeeded == orders and result["duplicates"] == 0
     return result
@@ -285,6 +346,7 @@ def print_platform_run(n: int | None, r: dict) -> None:
               f"publisher's worst lag {ms(r['publisher_worst_lag_ms'])}); "
               f"{r['outcomes']}/{r['orders']} outcomes in {r['seconds'] or 0:.2f} s -> {r['throughput']:.1f} sagas/s")
     print(f"{pad}latency (send -> outcome): {latency_line(r['latency_ms'])}")
+    print(f"{pad}CPU per saga: {cpu_line(r['cpu_ms_per_saga'])}")
     counts = ", ".join(f"{label} {count}" for label, count in r["outcome_counts"].items()) or "none"
     missing = f"{r['missing']} (waited {r['waited_seconds']:g} s after publishing)" if r["missing"] else "0"
     print(f"{pad}outcomes: {counts}; missing {missing}; duplicates {r['duplicates']}"
