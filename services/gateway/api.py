@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from services.gateway import handlers, store
+from services.gateway import handlers, repayments, store, wallets
 from services.gateway.domain import Registration
 from shared import idempotency, pii
 from shared.auth import Principal, operator, principal
@@ -65,7 +65,7 @@ async def register_user(body: NewUser, request: Request, caller: Principal = Dep
         raise ApiError(400, "INVALID_REQUEST", "birth_date: must be a real past date")
     async with ctx.pool.acquire() as conn, conn.transaction():
         # Personal data goes no further than this: a keyed hash and a masked value (shared/pii.py).
-        outcome, row = await handlers.register_user(ctx, conn, pii.protect(body.model_dump()))
+        outcome, row = await wallets.register_user(ctx, conn, pii.protect(body.model_dump()))
     if outcome is Registration.CONFLICT:
         raise ApiError(409, "USER_EXISTS", f"user {body.user_id} is already registered with different details")
     return JSONResponse(status_code=201 if outcome is Registration.CREATED else 200,
@@ -135,7 +135,7 @@ async def _user_write(request: Request, user_id: str, scope: str, body, action) 
              responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"}})
 async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn: handlers.top_up(
+    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn: wallets.top_up(
         ctx, conn, user_id, body.amount, body.card_token, body.idempotency_key))
     return JSONResponse(status_code=status, content=result)
 
@@ -144,7 +144,7 @@ async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal 
              responses={409: {"description": "INSUFFICIENT_BALANCE or IDEMPOTENCY_CONFLICT"}})
 async def withdraw(user_id: str, body: Withdrawal, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn: handlers.withdraw(
+    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn: wallets.withdraw(
         ctx, conn, user_id, body.amount, body.idempotency_key))
     return JSONResponse(status_code=status, content=result)
 
@@ -154,7 +154,7 @@ async def get_wallet(user_id: str, request: Request, caller: Principal = Depends
     caller.require_user(user_id)
     pool = ctx_of(request).pool
     await _existing_user(pool, user_id)
-    return {"user_id": user_id, "available": await handlers.wallet_available(pool, user_id), "currency": "CNY"}
+    return {"user_id": user_id, "available": await wallets.wallet_available(pool, user_id), "currency": "CNY"}
 
 
 # ---------------------------------------------------------------- Huabei repayments
@@ -185,7 +185,7 @@ async def repay(user_id: str, body: Repayment, request: Request, caller: Princip
     idempotency_key returns the allocation once it is known."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
-    status, result = await _user_write(request, user_id, "repayment", body, lambda ctx, conn: handlers.take_repayment(
+    status, result = await _user_write(request, user_id, "repayment", body, lambda ctx, conn: repayments.take_repayment(
         ctx, conn, user_id, body.amount, body.source, body.card_token, f"rp_{uuid.uuid4().hex}"))
     if status == 201:
         deadline = asyncio.get_running_loop().time() + ALLOCATION_WAIT_SECONDS
