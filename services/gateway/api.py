@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from services.gateway import handlers, repayments, store, wallets
-from services.gateway.domain import Registration
+from services.gateway.domain import Registration, RepaymentSource, RepaymentState, RiskDecision
 from shared import idempotency, pii
 from shared.auth import Principal, operator, principal
 from shared.errors import ApiError
@@ -161,13 +161,13 @@ async def get_wallet(user_id: str, request: Request, caller: Principal = Depends
 class Repayment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
-    source: Literal["balance", "bank_card"]
+    source: RepaymentSource
     card_token: CardToken | None = None
     idempotency_key: IdempotencyKey
 
     @model_validator(mode="after")
     def _card_only_for_cards(self) -> "Repayment":
-        if (self.source == "bank_card") != (self.card_token is not None):
+        if (self.source is RepaymentSource.BANK_CARD) != (self.card_token is not None):
             raise ValueError("card_token is required with source bank_card and only then")
         return self
 
@@ -191,10 +191,10 @@ async def repay(user_id: str, body: Repayment, request: Request, caller: Princip
         deadline = asyncio.get_running_loop().time() + ALLOCATION_WAIT_SECONDS
         while True:
             row = await store.get_repayment(ctx.pool, result["repayment_id"])
-            if row["state"] == "allocated" or asyncio.get_running_loop().time() > deadline:
+            if row["state"] == RepaymentState.ALLOCATED or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
-        if row["state"] == "allocated":
+        if row["state"] == RepaymentState.ALLOCATED:
             a = row["allocation"]
             result = {**result, "status": "allocated", **{k: a[k] for k in ("principal", "fee", "penalty",
                                                                              "overpayment", "lines")}}
@@ -246,7 +246,7 @@ async def review_payment(order_id: str, body: ReviewDecision, request: Request):
     """An operator approves or rejects a payment the risk engine sent to review."""
     ctx = ctx_of(request)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        if not await handlers.review_decided(ctx, conn, order_id, body.decision == "approve"):
+        if not await handlers.review_decided(ctx, conn, order_id, body.decision == RiskDecision.APPROVE):
             if await store.get_payment(conn, order_id) is None:
                 raise ApiError(404, "PAYMENT_NOT_FOUND", f"no payment for order {order_id}")
             raise ApiError(409, "NOT_IN_REVIEW", f"the payment for order {order_id} is not waiting for a review")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import Enum
+from enum import Enum, StrEnum
 
 from shared.money import apply_rate, percent
 
@@ -33,6 +33,46 @@ class SagaState(str, Enum):
     def in_progress(self) -> bool:
         return self in (SagaState.NEW, SagaState.RISK_CHECK, SagaState.REVIEW, SagaState.RESERVING, SagaState.FUNDING,
                         SagaState.HOLDING)
+
+
+class PaymentMethod(StrEnum):
+    """How the buyer pays (OrderPlaced.payment_method; payments.payment_method)."""
+    BALANCE = "balance"      # the buyer's wallet: reserved, posted once escrow holds the order
+    BANK_CARD = "bank_card"  # a card: authorized by the saga worker, captured once escrow holds the order
+    HUABEI = "huabei"        # credit: the credit service reserves the drawdown, committed once escrow holds it
+
+
+class RiskDecision(StrEnum):
+    """The risk engine's (or the fallback's, or an operator's) decision on a payment."""
+    APPROVE = "approve"
+    REJECT = "reject"
+    REVIEW = "review"  # an operator decides (or the review deadline rejects)
+
+
+class OrderEventState(StrEnum):
+    """What became of an upstream order event (order_events.state)."""
+    APPLIED = "applied"                    # an OrderPlaced: it made the payment
+    DUPLICATE = "duplicate"                # a refund_id seen before: no effect
+    FORWARDED = "forwarded"                # sent on to escrow
+    PENDING = "pending"                    # kept until the payment has its outcome
+    CANCEL_IN_FLIGHT = "cancel_in_flight"  # a cancel forwarded while the payment was in flight
+    PARKED = "parked"                      # its order has not arrived yet
+    RELEASED = "released"                  # its order arrived: routed in the same transaction
+    REJECTED = "rejected"                  # answered with a RefundRejected
+    IGNORED = "ignored"                    # nothing to do (e.g. a shipment of a failed payment)
+    EXPIRED = "expired"                    # parked longer than PARKED_EVENT_TTL_SECONDS
+
+
+class RepaymentSource(StrEnum):
+    """Where a Huabei repayment's money comes from (repayments.source)."""
+    BALANCE = "balance"
+    BANK_CARD = "bank_card"
+
+
+class RepaymentState(StrEnum):
+    """repayments.state: taken, then allocated by billing."""
+    REQUESTED = "requested"
+    ALLOCATED = "allocated"
 
 
 @dataclass(frozen=True)
@@ -115,9 +155,9 @@ def counted_by_risk_engine(reason_code: str, risk_decision: str | None) -> bool:
     return not (reason_code == "RISK_REJECTED" and risk_decision is None)
 
 
-def risk_fallback(amount: int, rules: Rules) -> str:
+def risk_fallback(amount: int, rules: Rules) -> RiskDecision:
     """When the risk engine is down or slow: approve small payments, reject the rest."""
-    return "approve" if amount <= rules.risk_fallback_approve_max else "reject"
+    return RiskDecision.APPROVE if amount <= rules.risk_fallback_approve_max else RiskDecision.REJECT
 
 
 def payment_status(*, amount: int, failed: bool, held: bool, released: bool, refunded: int) -> PaymentStatus:

@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from services.gateway import domain, saga, store
-from services.gateway.domain import Route, SagaState
+from services.gateway.domain import OrderEventState as EventState, Route, SagaState
 from shared import events, ledger, metrics, outbox, timers, topics
 from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, Envelope, EscrowRefunded,
                            EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced, RefundRejected,
@@ -36,27 +36,28 @@ async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, dat
     now = ctx.clock.now()
     payload = data.model_dump(mode="json")
     if isinstance(data, OrderPlaced):
-        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "applied")
+        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, EventState.APPLIED)
         await order_placed(ctx, conn, env, data)
         return
     if isinstance(data, RefundRequested) and not await store.first_refund_request(conn, data.order_id, data.refund_id):
         # docs/contract.md §3: the same refund_id twice has effect once (and one outcome).
-        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "duplicate")
+        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, EventState.DUPLICATE)
         return
     payment = await store.lock_payment(conn, data.order_id)
     state = await _route(ctx, conn, env.type, payload, payment, cause=env.event_id)
     await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, state)
-    if state == "parked":
+    if state is EventState.PARKED:
         log.info("order event parked until its order arrives", order_id=data.order_id, event_type=env.type)
 
 
-ROUTE_STATES = {Route.FORWARD: "forwarded", Route.KEEP: "pending", Route.CANCEL_IN_FLIGHT: "cancel_in_flight",
-                Route.PARK: "parked", Route.REJECT_UNKNOWN_ORDER: "rejected", Route.REJECT_NOT_PAID: "rejected",
-                Route.IGNORE: "ignored"}
+ROUTE_STATES = {Route.FORWARD: EventState.FORWARDED, Route.KEEP: EventState.PENDING,
+                Route.CANCEL_IN_FLIGHT: EventState.CANCEL_IN_FLIGHT, Route.PARK: EventState.PARKED,
+                Route.REJECT_UNKNOWN_ORDER: EventState.REJECTED, Route.REJECT_NOT_PAID: EventState.REJECTED,
+                Route.IGNORE: EventState.IGNORED}
 
 
 async def _route(ctx: Context, conn: asyncpg.Connection, event_type: str, payload: dict, payment: dict | None, *,
-                 cause: str) -> str:
+                 cause: str) -> EventState:
     """Send an upstream event where its order's saga says (domain.route_order_event); returns the
     event's new state."""
     order_id = payload["order_id"]
@@ -75,7 +76,7 @@ async def _route(ctx: Context, conn: asyncpg.Connection, event_type: str, payloa
 
 async def release_parked(ctx: Context, conn: asyncpg.Connection, order_ids: list[str]) -> None:
     """The order has arrived: its parked events go where its saga now says, oldest first."""
-    parked = await store.take_events_many(conn, order_ids, "parked", "released")
+    parked = await store.take_events_many(conn, order_ids, EventState.PARKED, EventState.RELEASED)
     for order_id, kept in parked.items():
         payment = await store.lock_payment(conn, order_id)
         for event in kept:
@@ -174,11 +175,11 @@ async def _settle_kept(ctx: Context, conn: asyncpg.Connection, order_id: str, ke
     """Upstream events kept while the payment was in flight: forwarded once it succeeded, or
     answered (saga.kept_outcomes) once it failed."""
     if kept.failed_reason is None:
-        for event in await store.take_events(conn, order_id, "pending", "forwarded"):
+        for event in await store.take_events(conn, order_id, EventState.PENDING, EventState.FORWARDED):
             await _forward(ctx, conn, event["type"], event["data"], cause=event["event_id"])
         return
-    cancels = await store.take_events(conn, order_id, "cancel_in_flight", "rejected")
-    pending = await store.take_events(conn, order_id, "pending", "rejected")
+    cancels = await store.take_events(conn, order_id, EventState.CANCEL_IN_FLIGHT, EventState.REJECTED)
+    pending = await store.take_events(conn, order_id, EventState.PENDING, EventState.REJECTED)
     for event, by in saga.kept_outcomes(kept.failed_reason, cancels, pending):
         await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=event["data"].get("refund_id"),
                                                  reason_code="NOT_PAID"),

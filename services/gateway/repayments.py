@@ -8,6 +8,7 @@ import asyncpg
 from services.gateway import store
 from services.gateway.accounts import wallet
 from services.gateway.bank import ChargeResult
+from services.gateway.domain import RepaymentSource, RepaymentState
 from services.gateway.handlers import SOURCE
 from services.gateway.wallets import wallet_available
 from shared import events, ledger, outbox, topics
@@ -22,7 +23,7 @@ async def take_repayment(ctx: Context, conn: asyncpg.Connection, user_id: str, a
     """Take the money (wallet or card) into `repayments` and ask billing to allocate it."""
     now = ctx.clock.now()
     transfer_id = f"repayment:{repayment_id}"
-    if source == "balance":
+    if source == RepaymentSource.BALANCE:
         try:
             await ledger.transfer(conn, transfer_id, wallet(user_id), "repayments", amount, code="repayment", now=now)
         except InsufficientFunds:
@@ -50,7 +51,7 @@ async def repayment_allocated(ctx: Context, conn: asyncpg.Connection, env: Envel
     """Each part where it belongs: principal to the lender, fees and penalties to billing, the
     overpayment back to the wallet."""
     repayment = await store.get_repayment(conn, e.repayment_id, lock=True)
-    if repayment is None or repayment["state"] == "allocated":
+    if repayment is None or repayment["state"] == RepaymentState.ALLOCATED:
         return
     now = ctx.clock.now()
     for part, account, amount in (("principal", "lender", e.principal), ("fees", "billing", e.fee + e.penalty),

@@ -1,8 +1,16 @@
+import re
+import typing
+from pathlib import Path
+
 import pytest
 
-from services.gateway.domain import (PaymentStatus, risk_fallback, Registration, Route, Rules, SagaState, outcome_for_kept_event,
-                                     payment_status, registration_outcome, route_order_event, validation_failure,
-                                     withdrawal_fee)
+import services.gateway
+from services.gateway.domain import (OrderEventState, PaymentMethod, PaymentStatus, RepaymentSource, RepaymentState,
+                                     RiskDecision, risk_fallback, Registration, Route, Rules, SagaState,
+                                     outcome_for_kept_event, payment_status, registration_outcome, route_order_event,
+                                     validation_failure, withdrawal_fee)
+from shared import topics
+from shared.events import SCHEMAS, PaymentMethod as PaymentMethodLiteral, RiskDecided
 
 USER = {"user_id": "u-1", "full_name": "A", "birth_date": None, "phone_hash": "1" * 64, "phone_masked": "*1",
         "id_number_hash": None, "id_number_masked": None, "real_name_verified": True}
@@ -92,3 +100,39 @@ def test_which_failed_payments_the_risk_engine_counted():
     assert not counted_by_risk_engine("RISK_REJECTED", None)  # the engine rejected it: never counted
     assert not counted_by_risk_engine("UNKNOWN_BUYER", None)
     assert not counted_by_risk_engine("UNKNOWN_SELLER", None)
+
+
+# ---------------------------------------------------------------- closed sets: code and CHECK constraints agree
+def _check_values(table: str, column: str) -> set[str]:
+    """The values a CHECK constraint of the gateway's migrations allows `column` of `table`."""
+    sql = "\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*.sql")))
+    found = set()
+    for statement in sql.split(";"):
+        if re.search(rf"\b(TABLE|ALTER TABLE)\s+{table}\b", statement):
+            for values in re.findall(rf"\b{column}\s+(?:IN\s*\(([^)]*)\)|=\s*('[^']*'))", statement):
+                found |= {v.strip().strip("'") for v in ",".join(values).split(",") if v.strip()}
+    return found
+
+
+MIGRATIONS = Path(services.gateway.__file__).parent / "migrations"
+
+
+@pytest.mark.parametrize("table, column, values", [
+    ("payments", "payment_method", {m.value for m in PaymentMethod}),
+    ("payments", "saga_state", {s.value for s in SagaState}),
+    ("payments", "status", {s.value for s in PaymentStatus}),
+    ("payments", "risk_decision", {d.value for d in RiskDecision}),
+    ("payments", "installments", {"1", "3", "6", "9", "12"}),
+    ("order_events", "state", {s.value for s in OrderEventState}),
+    ("order_events", "type", set(SCHEMAS[topics.ORDERS])),
+    ("repayments", "source", {s.value for s in RepaymentSource}),
+    ("repayments", "state", {s.value for s in RepaymentState}),
+])
+def test_enums_match_the_check_constraints(table, column, values):
+    assert _check_values(table, column) == values
+
+
+def test_payment_methods_are_the_events_methods():
+    assert {m.value for m in PaymentMethod} == set(typing.get_args(PaymentMethodLiteral))
+    assert {s.value for s in RepaymentSource} < {m.value for m in PaymentMethod}
+    assert set(typing.get_args(typing.get_type_hints(RiskDecided)["decision"])) == {d.value for d in RiskDecision}
