@@ -285,7 +285,7 @@ def _fund(p: Payment, now: datetime, rules: Rules, short: int | None, risk_befor
     if p.payment_method == PaymentMethod.HUABEI:
         # Try: the credit service reserves the drawdown; confirmed once escrow holds the money.
         return Decision(payment=p.but(state=SagaState.RESERVING,
-                                      next_action_at=now + timedelta(seconds=rules.hold_retry_seconds)),
+                                      next_action_at=now + timedelta(seconds=rules.credit_reserve_retry_seconds)),
                         emit=(Emit(topics.CREDIT_COMMANDS, p.order_id, _reserve_command(p)),))
     # bank_card: the saga worker charges the card, outside the consumer's batch.
     return Decision(payment=p.but(state=SagaState.FUNDING, next_action_at=now,
@@ -355,7 +355,7 @@ def _due(p: Payment, e: Due, now: datetime, rules: Rules, short: int | None) -> 
                               f"review not decided within {rules.review_timeout_seconds} s", now, rules, short)
     if state is SagaState.RESERVING:  # credit has not answered: ReserveCredit is idempotent, send it again
         return Decision(payment=p.but(attempts=p.attempts + 1,
-                                      next_action_at=now + timedelta(seconds=rules.hold_retry_seconds)),
+                                      next_action_at=now + timedelta(seconds=rules.credit_reserve_retry_seconds)),
                         emit=(Emit(topics.CREDIT_COMMANDS, p.order_id, _reserve_command(p)),))
     if state is SagaState.HOLDING:  # escrow has not answered: HoldFunds is idempotent, send it again
         return _start_holding(p, now, rules)

@@ -1,5 +1,6 @@
 import re
 import typing
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from services.gateway.domain import (OrderEventState, PaymentMethod, PaymentStat
                                      validation_failure, withdrawal_fee)
 from shared import topics
 from shared.events import SCHEMAS, PaymentMethod as PaymentMethodLiteral, RiskDecided
+from shared.settings import SettingsError
 
 USER = {"user_id": "u-1", "full_name": "A", "birth_date": None, "phone_hash": "1" * 64, "phone_masked": "*1",
         "id_number_hash": None, "id_number_masked": None, "real_name_verified": True}
@@ -79,6 +81,33 @@ def test_kept_events_after_the_outcome():
     assert outcome_for_kept_event("OrderConfirmed", None) is Route.FORWARD
     assert outcome_for_kept_event("RefundRequested", "CARD_DECLINED") is Route.REJECT_NOT_PAID
     assert outcome_for_kept_event("OrderShipped", "CARD_DECLINED") is Route.IGNORE
+
+
+def test_rules_from_env():
+    assert Rules.from_env({}) == RULES
+    assert Rules.from_env({"ESCROW_HOLD_RETRY_SECONDS": " ", "RISK_ENABLED": ""}) == RULES  # blank: the default
+    rules = Rules.from_env({"WITHDRAWAL_FEE_PCT": "0.2", "RISK_ENABLED": "off", "BANK_CHANNEL_TIMEOUT_SECONDS": "9",
+                            "PARKED_EVENT_TTL_SECONDS": "60"})
+    assert (rules.withdrawal_fee_rate, rules.risk_enabled, rules.channel_timeout_seconds,
+            rules.parked_event_ttl_seconds) == (Decimal("0.002"), False, 9, 60)
+
+
+def test_credit_reservations_are_re_sent_at_the_hold_pace_unless_told_otherwise():
+    assert Rules.from_env({"ESCROW_HOLD_RETRY_SECONDS": "12"}).credit_reserve_retry_seconds == 12
+    rules = Rules.from_env({"ESCROW_HOLD_RETRY_SECONDS": "12", "CREDIT_RESERVE_RETRY_SECONDS": "3"})
+    assert (rules.hold_retry_seconds, rules.credit_reserve_retry_seconds) == (12, 3)
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("WITHDRAWAL_FEE_PCT", "ten"), ("WITHDRAWAL_FREE_QUOTA_FEN", "-1"), ("WITHDRAWAL_MIN_FEE_FEN", "1.5"),
+    ("BANK_CHANNEL_TIMEOUT_SECONDS", "0"), ("ESCROW_HOLD_RETRY_SECONDS", "30s"), ("CREDIT_RESERVE_RETRY_SECONDS", "0"),
+    ("RISK_ENABLED", "maybe"), ("RISK_DECISION_TIMEOUT_SECONDS", "five"), ("RISK_FALLBACK_APPROVE_MAX_FEN", "1e5"),
+    ("RISK_REVIEW_TIMEOUT_SECONDS", "-3"), ("PARKED_EVENT_TTL_SECONDS", "7d"),
+])
+def test_a_bad_rule_setting_is_one_error_naming_it(name, bad):
+    with pytest.raises(SettingsError, match=rf"^{name} must ") as info:
+        Rules.from_env({name: bad})
+    assert "\n" not in str(info.value)
 
 
 def test_risk_fallback_approves_small_payments_only():
