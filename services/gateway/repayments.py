@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from services.gateway import store
-from services.gateway.accounts import wallet
+from services.gateway.accounts import BANK, BILLING, LENDER, REPAYMENTS, wallet
 from services.gateway.bank import ChargeResult
 from services.gateway.domain import RepaymentSource, RepaymentState
 from services.gateway.handlers import SOURCE
@@ -25,7 +25,7 @@ async def take_repayment(ctx: Context, conn: asyncpg.Connection, user_id: str, a
     transfer_id = f"repayment:{repayment_id}"
     if source == RepaymentSource.BALANCE:
         try:
-            await ledger.transfer(conn, transfer_id, wallet(user_id), "repayments", amount, code="repayment", now=now)
+            await ledger.transfer(conn, transfer_id, wallet(user_id), REPAYMENTS, amount, code="repayment", now=now)
         except InsufficientFunds:
             available = await wallet_available(conn, user_id)
             return 409, {"error": {"code": "INSUFFICIENT_BALANCE",
@@ -38,7 +38,7 @@ async def take_repayment(ctx: Context, conn: asyncpg.Connection, user_id: str, a
             code = "CARD_DECLINED" if result is ChargeResult.DECLINED else "CHANNEL_TIMEOUT"
             return 402, {"error": {"code": code, "message": "the card was not charged"}}
         await ctx.deps.bank.capture(transfer_id, amount)
-        await ledger.transfer(conn, transfer_id, "bank", "repayments", amount, code="repayment", now=now)
+        await ledger.transfer(conn, transfer_id, BANK, REPAYMENTS, amount, code="repayment", now=now)
     await store.insert_repayment(conn, repayment_id, user_id, amount, source, now)
     await outbox.add(conn, topics.BILLING_COMMANDS, user_id, events.new_event(
         ApplyRepayment(repayment_id=repayment_id, user_id=user_id, amount=amount, requested_at=now),
@@ -54,15 +54,15 @@ async def repayment_allocated(ctx: Context, conn: asyncpg.Connection, env: Envel
     if repayment is None or repayment["state"] == RepaymentState.ALLOCATED:
         return
     now = ctx.clock.now()
-    for part, account, amount in (("principal", "lender", e.principal), ("fees", "billing", e.fee + e.penalty),
+    for part, account, amount in (("principal", LENDER, e.principal), ("fees", BILLING, e.fee + e.penalty),
                                   ("overpayment", wallet(e.user_id), e.overpayment)):
         if amount:
-            await ledger.transfer(conn, f"repayment:{e.repayment_id}:{part}", "repayments", account, amount,
+            await ledger.transfer(conn, f"repayment:{e.repayment_id}:{part}", REPAYMENTS, account, amount,
                                   code=f"repayment_{part}", now=now)
     await store.allocate_repayment(conn, e.repayment_id, e.model_dump(mode="json"), now)
 
 
 async def overpayment_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: OverpaymentRefunded) -> None:
     """A refund of an already repaid Huabei purchase: the lender pays the excess into the wallet."""
-    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", "lender", wallet(e.user_id), e.amount,
+    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", LENDER, wallet(e.user_id), e.amount,
                           code="huabei_overpayment", order_id=e.order_id, now=ctx.clock.now())

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 
+from services.gateway.accounts import BANK, ESCROW, LENDER, wallet
 from services.gateway.bank import ChargeResult
 from services.gateway.domain import (PaymentMethod, PaymentStatus, RiskDecision, Route, Rules, SagaState,
                                      counted_by_risk_engine, outcome_for_kept_event, payment_status, risk_fallback,
@@ -32,13 +33,6 @@ from shared.events import (CancelCredit, CancelOrder, CardDeclined, ClawbackRequ
                            PaymentAbandoned, PaymentFailed, PaymentSucceeded, RefundCompleted, RefundOrder,
                            RefundRejected, ReserveCredit, RestoreCredit, RiskCheckRequested, RiskDecided, ShipOrder,
                            Strict)
-
-# Ledger accounts of the gateway (see handlers.py).
-BANK, LENDER, ESCROW = "bank", "lender", "escrow"
-
-
-def wallet(user_id: str) -> str:
-    return f"wallet:{user_id}"
 
 
 def refund_account(payment_method: str, buyer_id: str) -> str:

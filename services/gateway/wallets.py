@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from services.gateway import domain, store
-from services.gateway.accounts import wallet
+from services.gateway.accounts import BANK, REVENUE_WITHDRAWAL_FEE, wallet
 from services.gateway.bank import ChargeResult
 from services.gateway.domain import Registration
 from services.gateway.handlers import SOURCE
@@ -47,13 +47,13 @@ async def top_up(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: i
         await ctx.deps.bank.void(request_id)
         return 402, {"error": {"code": "CHANNEL_TIMEOUT", "message": "the bank channel did not answer"}}
     await ctx.deps.bank.capture(request_id, amount)
-    await ledger.transfer(conn, request_id, "bank", wallet(user_id), amount, code="topup", now=ctx.clock.now())
+    await ledger.transfer(conn, request_id, BANK, wallet(user_id), amount, code="topup", now=ctx.clock.now())
     return 201, {"user_id": user_id, "amount": amount, "balance": await wallet_available(conn, user_id),
                  "currency": "CNY"}
 
 
 async def withdraw(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, key: str) -> tuple[int, dict]:
-    await store.lock_wallet(conn, user_id)
+    await store.lock_wallet(conn, wallet(user_id))
     fee = domain.withdrawal_fee(amount, await store.lifetime_withdrawn(conn, user_id), ctx.deps.rules)
     available = await wallet_available(conn, user_id)
     if amount + fee > available:
@@ -62,9 +62,9 @@ async def withdraw(ctx: Context, conn: asyncpg.Connection, user_id: str, amount:
                                           f"the available {available} fen"}}
     now = ctx.clock.now()
     request_id = f"withdrawal:{user_id}:{key}"
-    await ledger.transfer(conn, request_id, wallet(user_id), "bank", amount, code="withdrawal", now=now)
+    await ledger.transfer(conn, request_id, wallet(user_id), BANK, amount, code="withdrawal", now=now)
     if fee:
-        await ledger.transfer(conn, f"{request_id}:fee", wallet(user_id), "revenue:withdrawal_fee", fee,
+        await ledger.transfer(conn, f"{request_id}:fee", wallet(user_id), REVENUE_WITHDRAWAL_FEE, fee,
                               code="withdrawal_fee", now=now)
     await store.insert_withdrawal(conn, user_id, key, amount, fee, now)
     await ctx.deps.bank.payout(request_id, user_id, amount)
