@@ -82,7 +82,7 @@ async def get_user(user_id: str, request: Request, caller: Principal = Depends(p
 
 
 # ---------------------------------------------------------------- wallets
-IdempotencyKey = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+IdempotencyKey = Annotated[StrictStr, Field(min_length=1, max_length=64)] | None  # or the Idempotency-Key header
 Amount = Annotated[StrictInt, Field(ge=1, le=100_000_000)]
 
 
@@ -90,13 +90,13 @@ class TopUp(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
     card_token: CardToken
-    idempotency_key: IdempotencyKey
+    idempotency_key: IdempotencyKey = None
 
 
 class Withdrawal(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
-    idempotency_key: IdempotencyKey
+    idempotency_key: IdempotencyKey = None
 
 
 class TopUpResult(BaseModel):
@@ -122,21 +122,30 @@ async def _existing_user(conn, user_id: str) -> None:
 
 
 async def _user_write(request: Request, user_id: str, scope: str, body, action) -> tuple[int, dict]:
-    """An idempotent write on an existing user's money: `action(ctx, conn)` runs once per key."""
+    """An idempotent write on an existing user's money: `action(ctx, conn, key)` runs once per key,
+    the `Idempotency-Key` header or the body's `idempotency_key` (shared/idempotency.py)."""
     ctx = ctx_of(request)
+    key = idempotency.key(request, body.idempotency_key)
 
     async def write(conn):
         await _existing_user(conn, user_id)
-        return await action(ctx, conn)
-    return await idempotency.run_once(ctx.pool, f"{scope}:{user_id}", body.idempotency_key, body.model_dump(), write)
+        return await action(ctx, conn, key)
+    return await idempotency.run_once(ctx.pool, f"{scope}:{user_id}", key, fingerprint(body, key), write)
+
+
+def fingerprint(body: BaseModel, key: str) -> dict:
+    """What a repeat of the request must match: the body with the key in it, wherever the key
+    came from (the header form and the body form of a request are the same request, and keys
+    stored before the header was accepted still match their repeats)."""
+    return {**body.model_dump(), "idempotency_key": key}
 
 
 @router.post("/wallets/{user_id}/top-ups", status_code=201, response_model=TopUpResult, tags=["wallets"],
              responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"}})
 async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn: wallets.top_up(
-        ctx, conn, user_id, body.amount, body.card_token, body.idempotency_key))
+    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn, key: wallets.top_up(
+        ctx, conn, user_id, body.amount, body.card_token, key))
     return JSONResponse(status_code=status, content=result)
 
 
@@ -144,8 +153,8 @@ async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal 
              responses={409: {"description": "INSUFFICIENT_BALANCE or IDEMPOTENCY_CONFLICT"}})
 async def withdraw(user_id: str, body: Withdrawal, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn: wallets.withdraw(
-        ctx, conn, user_id, body.amount, body.idempotency_key))
+    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn, key: wallets.withdraw(
+        ctx, conn, user_id, body.amount, key))
     return JSONResponse(status_code=status, content=result)
 
 
@@ -163,7 +172,7 @@ class Repayment(BaseModel):
     amount: Amount
     source: RepaymentSource
     card_token: CardToken | None = None
-    idempotency_key: IdempotencyKey
+    idempotency_key: IdempotencyKey = None
 
     @model_validator(mode="after")
     def _card_only_for_cards(self) -> "Repayment":
@@ -182,11 +191,13 @@ async def repay(user_id: str, body: Repayment, request: Request, caller: Princip
     """Take the repayment from the wallet or a card; billing allocates it (oldest due first;
     penalty, then fee, then principal) and the answer says how. If billing has not answered
     within 10 s the answer is 201 with status "pending"; asking again with the same
-    idempotency_key returns the allocation once it is known."""
+    idempotency key returns the allocation once it is known."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
-    status, result = await _user_write(request, user_id, "repayment", body, lambda ctx, conn: repayments.take_repayment(
-        ctx, conn, user_id, body.amount, body.source, body.card_token, f"rp_{uuid.uuid4().hex}"))
+    status, result = await _user_write(request, user_id, "repayment", body,
+                                       lambda ctx, conn, key: repayments.take_repayment(
+                                           ctx, conn, user_id, body.amount, body.source, body.card_token,
+                                           f"rp_{uuid.uuid4().hex}"))
     if status == 201:
         deadline = asyncio.get_running_loop().time() + ALLOCATION_WAIT_SECONDS
         while True:
