@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from services.gateway import handlers, store
-from services.gateway.domain import Registration
+from services.gateway import handlers, repayments, store, wallets
+from services.gateway.domain import Registration, RepaymentSource, RepaymentState, RiskDecision
 from shared import idempotency, pii
 from shared.auth import Principal, operator, principal
 from shared.errors import ApiError
@@ -65,7 +65,7 @@ async def register_user(body: NewUser, request: Request, caller: Principal = Dep
         raise ApiError(400, "INVALID_REQUEST", "birth_date: must be a real past date")
     async with ctx.pool.acquire() as conn, conn.transaction():
         # Personal data goes no further than this: a keyed hash and a masked value (shared/pii.py).
-        outcome, row = await handlers.register_user(ctx, conn, pii.protect(body.model_dump()))
+        outcome, row = await wallets.register_user(ctx, conn, pii.protect(body.model_dump()))
     if outcome is Registration.CONFLICT:
         raise ApiError(409, "USER_EXISTS", f"user {body.user_id} is already registered with different details")
     return JSONResponse(status_code=201 if outcome is Registration.CREATED else 200,
@@ -82,7 +82,7 @@ async def get_user(user_id: str, request: Request, caller: Principal = Depends(p
 
 
 # ---------------------------------------------------------------- wallets
-IdempotencyKey = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+IdempotencyKey = Annotated[StrictStr, Field(min_length=1, max_length=64)] | None  # or the Idempotency-Key header
 Amount = Annotated[StrictInt, Field(ge=1, le=100_000_000)]
 
 
@@ -90,13 +90,13 @@ class TopUp(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
     card_token: CardToken
-    idempotency_key: IdempotencyKey
+    idempotency_key: IdempotencyKey = None
 
 
 class Withdrawal(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
-    idempotency_key: IdempotencyKey
+    idempotency_key: IdempotencyKey = None
 
 
 class TopUpResult(BaseModel):
@@ -122,21 +122,30 @@ async def _existing_user(conn, user_id: str) -> None:
 
 
 async def _user_write(request: Request, user_id: str, scope: str, body, action) -> tuple[int, dict]:
-    """An idempotent write on an existing user's money: `action(ctx, conn)` runs once per key."""
+    """An idempotent write on an existing user's money: `action(ctx, conn, key)` runs once per key,
+    the `Idempotency-Key` header or the body's `idempotency_key` (shared/idempotency.py)."""
     ctx = ctx_of(request)
+    key = idempotency.key(request, body.idempotency_key)
 
     async def write(conn):
         await _existing_user(conn, user_id)
-        return await action(ctx, conn)
-    return await idempotency.run_once(ctx.pool, f"{scope}:{user_id}", body.idempotency_key, body.model_dump(), write)
+        return await action(ctx, conn, key)
+    return await idempotency.run_once(ctx.pool, f"{scope}:{user_id}", key, fingerprint(body, key), write)
+
+
+def fingerprint(body: BaseModel, key: str) -> dict:
+    """What a repeat of the request must match: the body with the key in it, wherever the key
+    came from (the header form and the body form of a request are the same request, and keys
+    stored before the header was accepted still match their repeats)."""
+    return {**body.model_dump(), "idempotency_key": key}
 
 
 @router.post("/wallets/{user_id}/top-ups", status_code=201, response_model=TopUpResult, tags=["wallets"],
              responses={402: {"description": "CARD_DECLINED or CHANNEL_TIMEOUT"}})
 async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn: handlers.top_up(
-        ctx, conn, user_id, body.amount, body.card_token, body.idempotency_key))
+    status, result = await _user_write(request, user_id, "top-up", body, lambda ctx, conn, key: wallets.top_up(
+        ctx, conn, user_id, body.amount, body.card_token, key))
     return JSONResponse(status_code=status, content=result)
 
 
@@ -144,8 +153,8 @@ async def top_up(user_id: str, body: TopUp, request: Request, caller: Principal 
              responses={409: {"description": "INSUFFICIENT_BALANCE or IDEMPOTENCY_CONFLICT"}})
 async def withdraw(user_id: str, body: Withdrawal, request: Request, caller: Principal = Depends(principal)):
     caller.require_user(user_id)
-    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn: handlers.withdraw(
-        ctx, conn, user_id, body.amount, body.idempotency_key))
+    status, result = await _user_write(request, user_id, "withdrawal", body, lambda ctx, conn, key: wallets.withdraw(
+        ctx, conn, user_id, body.amount, key))
     return JSONResponse(status_code=status, content=result)
 
 
@@ -154,20 +163,20 @@ async def get_wallet(user_id: str, request: Request, caller: Principal = Depends
     caller.require_user(user_id)
     pool = ctx_of(request).pool
     await _existing_user(pool, user_id)
-    return {"user_id": user_id, "available": await handlers.wallet_available(pool, user_id), "currency": "CNY"}
+    return {"user_id": user_id, "available": await wallets.wallet_available(pool, user_id), "currency": "CNY"}
 
 
 # ---------------------------------------------------------------- Huabei repayments
 class Repayment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
-    source: Literal["balance", "bank_card"]
+    source: RepaymentSource
     card_token: CardToken | None = None
-    idempotency_key: IdempotencyKey
+    idempotency_key: IdempotencyKey = None
 
     @model_validator(mode="after")
     def _card_only_for_cards(self) -> "Repayment":
-        if (self.source == "bank_card") != (self.card_token is not None):
+        if (self.source is RepaymentSource.BANK_CARD) != (self.card_token is not None):
             raise ValueError("card_token is required with source bank_card and only then")
         return self
 
@@ -182,19 +191,21 @@ async def repay(user_id: str, body: Repayment, request: Request, caller: Princip
     """Take the repayment from the wallet or a card; billing allocates it (oldest due first;
     penalty, then fee, then principal) and the answer says how. If billing has not answered
     within 10 s the answer is 201 with status "pending"; asking again with the same
-    idempotency_key returns the allocation once it is known."""
+    idempotency key returns the allocation once it is known."""
     caller.require_user(user_id)
     ctx = ctx_of(request)
-    status, result = await _user_write(request, user_id, "repayment", body, lambda ctx, conn: handlers.take_repayment(
-        ctx, conn, user_id, body.amount, body.source, body.card_token, f"rp_{uuid.uuid4().hex}"))
+    status, result = await _user_write(request, user_id, "repayment", body,
+                                       lambda ctx, conn, key: repayments.take_repayment(
+                                           ctx, conn, user_id, body.amount, body.source, body.card_token,
+                                           f"rp_{uuid.uuid4().hex}"))
     if status == 201:
         deadline = asyncio.get_running_loop().time() + ALLOCATION_WAIT_SECONDS
         while True:
             row = await store.get_repayment(ctx.pool, result["repayment_id"])
-            if row["state"] == "allocated" or asyncio.get_running_loop().time() > deadline:
+            if row["state"] == RepaymentState.ALLOCATED or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
-        if row["state"] == "allocated":
+        if row["state"] == RepaymentState.ALLOCATED:
             a = row["allocation"]
             result = {**result, "status": "allocated", **{k: a[k] for k in ("principal", "fee", "penalty",
                                                                              "overpayment", "lines")}}
@@ -246,7 +257,7 @@ async def review_payment(order_id: str, body: ReviewDecision, request: Request):
     """An operator approves or rejects a payment the risk engine sent to review."""
     ctx = ctx_of(request)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        if not await handlers.review_decided(ctx, conn, order_id, body.decision == "approve"):
+        if not await handlers.review_decided(ctx, conn, order_id, body.decision == RiskDecision.APPROVE):
             if await store.get_payment(conn, order_id) is None:
                 raise ApiError(404, "PAYMENT_NOT_FOUND", f"no payment for order {order_id}")
             raise ApiError(409, "NOT_IN_REVIEW", f"the payment for order {order_id} is not waiting for a review")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from services.gateway import api, handlers
+from services.gateway import api, handlers, repayments
 from services.gateway.bank import BankChannel, SimulatedBank
 from services.gateway.domain import Rules
 from shared import topics
@@ -36,7 +36,8 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         "EscrowRefundRejected": handlers.escrow_refund_rejected,
     }
     credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused}
-    billing = {"RepaymentAllocated": handlers.repayment_allocated, "OverpaymentRefunded": handlers.overpayment_refunded}
+    billing = {"RepaymentAllocated": repayments.repayment_allocated,
+               "OverpaymentRefunded": repayments.overpayment_refunded}
     return [
         Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]},
                      batch_handlers={"OrderPlaced": partial(handlers.orders_placed, ctx)}),

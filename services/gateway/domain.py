@@ -2,12 +2,13 @@
 and what to do with an upstream order event given where its payment stands."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import Enum
+from enum import Enum, StrEnum
+from typing import Mapping
 
 from shared.money import apply_rate, percent
+from shared.settings import env_bool, env_int, env_non_negative_int, env_percent
 
 
 class PaymentStatus(str, Enum):
@@ -35,6 +36,46 @@ class SagaState(str, Enum):
                         SagaState.HOLDING)
 
 
+class PaymentMethod(StrEnum):
+    """How the buyer pays (OrderPlaced.payment_method; payments.payment_method)."""
+    BALANCE = "balance"      # the buyer's wallet: reserved, posted once escrow holds the order
+    BANK_CARD = "bank_card"  # a card: authorized by the saga worker, captured once escrow holds the order
+    HUABEI = "huabei"        # credit: the credit service reserves the drawdown, committed once escrow holds it
+
+
+class RiskDecision(StrEnum):
+    """The risk engine's (or the fallback's, or an operator's) decision on a payment."""
+    APPROVE = "approve"
+    REJECT = "reject"
+    REVIEW = "review"  # an operator decides (or the review deadline rejects)
+
+
+class OrderEventState(StrEnum):
+    """What became of an upstream order event (order_events.state)."""
+    APPLIED = "applied"                    # an OrderPlaced: it made the payment
+    DUPLICATE = "duplicate"                # a refund_id seen before: no effect
+    FORWARDED = "forwarded"                # sent on to escrow
+    PENDING = "pending"                    # kept until the payment has its outcome
+    CANCEL_IN_FLIGHT = "cancel_in_flight"  # a cancel forwarded while the payment was in flight
+    PARKED = "parked"                      # its order has not arrived yet
+    RELEASED = "released"                  # its order arrived: routed in the same transaction
+    REJECTED = "rejected"                  # answered with a RefundRejected
+    IGNORED = "ignored"                    # nothing to do (e.g. a shipment of a failed payment)
+    EXPIRED = "expired"                    # parked longer than PARKED_EVENT_TTL_SECONDS
+
+
+class RepaymentSource(StrEnum):
+    """Where a Huabei repayment's money comes from (repayments.source)."""
+    BALANCE = "balance"
+    BANK_CARD = "bank_card"
+
+
+class RepaymentState(StrEnum):
+    """repayments.state: taken, then allocated by billing."""
+    REQUESTED = "requested"
+    ALLOCATED = "allocated"
+
+
 @dataclass(frozen=True)
 class Rules:
     """docs/contract.md §5 defaults; each is a setting."""
@@ -42,7 +83,8 @@ class Rules:
     withdrawal_free_quota: int = 2_000_000
     withdrawal_min_fee: int = 10
     channel_timeout_seconds: int = 30
-    hold_retry_seconds: int = 30  # an unanswered command to escrow or credit is re-sent this often
+    hold_retry_seconds: int = 30  # an unanswered HoldFunds to escrow is re-sent this often
+    credit_reserve_retry_seconds: int = 30  # an unanswered ReserveCredit to credit is re-sent this often
     risk_enabled: bool = True
     risk_timeout_seconds: int = 5         # no decision by then: the fallback decides
     risk_fallback_approve_max: int = 100_000  # fallback approves up to 1 000 yuan, rejects above
@@ -50,19 +92,30 @@ class Rules:
     parked_event_ttl_seconds: int = 7 * 86_400  # a shipment/confirmation waits this long for its order
 
     @classmethod
-    def from_env(cls) -> "Rules":
-        env = os.environ.get
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Rules":
+        """The settings of docs/contract.md §5 (README, Settings); unset or blank keeps the default,
+        a bad value is a SettingsError naming the variable. CREDIT_RESERVE_RETRY_SECONDS unset
+        falls back to ESCROW_HOLD_RETRY_SECONDS (one setting paced both before)."""
+        d = cls()
+        hold_retry = env_int("ESCROW_HOLD_RETRY_SECONDS", d.hold_retry_seconds, minimum=1, environ=env)
         return cls(
-            withdrawal_fee_rate=percent(env("WITHDRAWAL_FEE_PCT", "0.1")),
-            withdrawal_free_quota=int(env("WITHDRAWAL_FREE_QUOTA_FEN", "2000000")),
-            withdrawal_min_fee=int(env("WITHDRAWAL_MIN_FEE_FEN", "10")),
-            channel_timeout_seconds=int(env("BANK_CHANNEL_TIMEOUT_SECONDS", "30")),
-            hold_retry_seconds=int(env("ESCROW_HOLD_RETRY_SECONDS", "30")),
-            risk_enabled=env("RISK_ENABLED", "true").lower() not in ("0", "false", "no"),
-            risk_timeout_seconds=int(env("RISK_DECISION_TIMEOUT_SECONDS", "5")),
-            risk_fallback_approve_max=int(env("RISK_FALLBACK_APPROVE_MAX_FEN", "100000")),
-            review_timeout_seconds=int(env("RISK_REVIEW_TIMEOUT_SECONDS", "1800")),
-            parked_event_ttl_seconds=int(env("PARKED_EVENT_TTL_SECONDS", str(7 * 86_400))),
+            withdrawal_fee_rate=env_percent("WITHDRAWAL_FEE_PCT", d.withdrawal_fee_rate, environ=env),
+            withdrawal_free_quota=env_non_negative_int("WITHDRAWAL_FREE_QUOTA_FEN", d.withdrawal_free_quota,
+                                                       environ=env),
+            withdrawal_min_fee=env_non_negative_int("WITHDRAWAL_MIN_FEE_FEN", d.withdrawal_min_fee, environ=env),
+            channel_timeout_seconds=env_int("BANK_CHANNEL_TIMEOUT_SECONDS", d.channel_timeout_seconds, minimum=1,
+                                            environ=env),
+            hold_retry_seconds=hold_retry,
+            credit_reserve_retry_seconds=env_int("CREDIT_RESERVE_RETRY_SECONDS", hold_retry, minimum=1, environ=env),
+            risk_enabled=env_bool("RISK_ENABLED", d.risk_enabled, environ=env),
+            risk_timeout_seconds=env_int("RISK_DECISION_TIMEOUT_SECONDS", d.risk_timeout_seconds, minimum=1,
+                                         environ=env),
+            risk_fallback_approve_max=env_non_negative_int("RISK_FALLBACK_APPROVE_MAX_FEN",
+                                                           d.risk_fallback_approve_max, environ=env),
+            review_timeout_seconds=env_int("RISK_REVIEW_TIMEOUT_SECONDS", d.review_timeout_seconds, minimum=1,
+                                           environ=env),
+            parked_event_ttl_seconds=env_int("PARKED_EVENT_TTL_SECONDS", d.parked_event_ttl_seconds, minimum=1,
+                                             environ=env),
         )
 
 
@@ -115,9 +168,9 @@ def counted_by_risk_engine(reason_code: str, risk_decision: str | None) -> bool:
     return not (reason_code == "RISK_REJECTED" and risk_decision is None)
 
 
-def risk_fallback(amount: int, rules: Rules) -> str:
+def risk_fallback(amount: int, rules: Rules) -> RiskDecision:
     """When the risk engine is down or slow: approve small payments, reject the rest."""
-    return "approve" if amount <= rules.risk_fallback_approve_max else "reject"
+    return RiskDecision.APPROVE if amount <= rules.risk_fallback_approve_max else RiskDecision.REJECT
 
 
 def payment_status(*, amount: int, failed: bool, held: bool, released: bool, refunded: int) -> PaymentStatus:

@@ -1,12 +1,8 @@
-"""Gateway effects: one function per command, consumed event or saga step. Each runs inside
-the caller's transaction and writes its outgoing events to the outbox on the same connection,
-so a state change, its ledger transfers and its events commit together.
-
-Ledger accounts (shared/ledger.py): `bank` (money at the bank channel: debit-normal),
-`lender` (money the credit service lent for Huabei orders, less what went back: debit-normal),
-`wallet:<user>` (what users own), `escrow` (what escrow holds for orders, plus the merchant fees
-it kept), `billing` (Huabei fees and penalties paid, which are billing's revenue),
-`repayments` (repayments taken, not yet allocated by billing), `revenue:withdrawal_fee`.
+"""Gateway effects of upstream order events and the payment saga: one function per consumed
+event or saga step. Each runs inside the caller's transaction and writes its outgoing events to
+the outbox on the same connection, so a state change, its ledger transfers and its events commit
+together. Users and wallets are in wallets.py, Huabei repayments in repayments.py; the ledger
+accounts in accounts.py.
 """
 from __future__ import annotations
 
@@ -16,21 +12,16 @@ import asyncpg
 import structlog
 
 from services.gateway import domain, saga, store
-from services.gateway.domain import Registration, Route, SagaState
-from services.gateway.bank import ChargeResult
+from services.gateway.domain import OrderEventState as EventState, Route, SagaState
 from shared import events, ledger, metrics, outbox, timers, topics
-from shared.events import (ApplyRepayment, ClawbackRequested, CreditRefused, CreditReserved, Envelope, EscrowRefunded,
-                           EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced,
-                           OverpaymentRefunded, RefundRejected, RefundRequested, RepaymentAllocated, RiskDecided,
-                           UserRegistered)
+from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, Envelope, EscrowRefunded,
+                           EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced, RefundRejected,
+                           RefundRequested, RiskDecided)
 from shared.ledger import InsufficientFunds
 from shared.runtime import Context
 
 SOURCE = "payment-gateway"
 log = structlog.get_logger("gateway")
-
-
-wallet = saga.wallet
 
 
 async def _publish(ctx: Context, conn: asyncpg.Connection, data, *, order_id: str, cause: str | None) -> None:
@@ -39,141 +30,34 @@ async def _publish(ctx: Context, conn: asyncpg.Connection, data, *, order_id: st
         data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=order_id, causation_id=cause))
 
 
-# ---------------------------------------------------------------- users
-async def register_user(ctx: Context, conn: asyncpg.Connection, user: dict) -> tuple[Registration, dict]:
-    now = ctx.clock.now()
-    if await store.insert_user(conn, user, now):
-        await ledger.open_account(conn, wallet(user["user_id"]), no_overdraft=True)  # never overdrawn
-        registered = UserRegistered(
-            user_id=user["user_id"], birth_date=user["birth_date"], phone_hash=user["phone_hash"],
-            phone_masked=user["phone_masked"], id_number_hash=user["id_number_hash"],
-            id_number_masked=user["id_number_masked"], real_name_verified=user["real_name_verified"],
-            registered_at=now)
-        await outbox.add(conn, topics.USERS, user["user_id"],
-                         events.new_event(registered, source=SOURCE, occurred_at=now, correlation_id=user["user_id"]))
-        return Registration.CREATED, await store.get_user(conn, user["user_id"])
-    existing = await store.get_user(conn, user["user_id"])
-    return domain.registration_outcome(existing, user), existing
-
-
-# ---------------------------------------------------------------- wallets
-async def wallet_available(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> int:
-    return (await ledger.account(conn, wallet(user_id))).available
-
-
-async def top_up(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, card_token: str,
-                 key: str) -> tuple[int, dict]:
-    request_id = f"topup:{user_id}:{key}"
-    result = await ctx.deps.bank.authorize(request_id, card_token, amount)
-    if result is ChargeResult.DECLINED:
-        return 402, {"error": {"code": "CARD_DECLINED", "message": "the bank declined the card"}}
-    if result is ChargeResult.NO_ANSWER:
-        await ctx.deps.bank.void(request_id)
-        return 402, {"error": {"code": "CHANNEL_TIMEOUT", "message": "the bank channel did not answer"}}
-    await ctx.deps.bank.capture(request_id, amount)
-    await ledger.transfer(conn, request_id, "bank", wallet(user_id), amount, code="topup", now=ctx.clock.now())
-    return 201, {"user_id": user_id, "amount": amount, "balance": await wallet_available(conn, user_id),
-                 "currency": "CNY"}
-
-
-async def withdraw(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, key: str) -> tuple[int, dict]:
-    await store.lock_wallet(conn, user_id)
-    fee = domain.withdrawal_fee(amount, await store.lifetime_withdrawn(conn, user_id), ctx.deps.rules)
-    available = await wallet_available(conn, user_id)
-    if amount + fee > available:
-        return 409, {"error": {"code": "INSUFFICIENT_BALANCE",
-                               "message": f"withdrawing {amount} fen plus a fee of {fee} fen needs more than "
-                                          f"the available {available} fen"}}
-    now = ctx.clock.now()
-    request_id = f"withdrawal:{user_id}:{key}"
-    await ledger.transfer(conn, request_id, wallet(user_id), "bank", amount, code="withdrawal", now=now)
-    if fee:
-        await ledger.transfer(conn, f"{request_id}:fee", wallet(user_id), "revenue:withdrawal_fee", fee,
-                              code="withdrawal_fee", now=now)
-    await store.insert_withdrawal(conn, user_id, key, amount, fee, now)
-    await ctx.deps.bank.payout(request_id, user_id, amount)
-    return 201, {"user_id": user_id, "amount": amount, "fee": fee, "balance": await wallet_available(conn, user_id),
-                 "currency": "CNY"}
-
-
-# ---------------------------------------------------------------- Huabei repayments
-async def take_repayment(ctx: Context, conn: asyncpg.Connection, user_id: str, amount: int, source: str,
-                         card_token: str | None, repayment_id: str) -> tuple[int, dict]:
-    """Take the money (wallet or card) into `repayments` and ask billing to allocate it."""
-    now = ctx.clock.now()
-    transfer_id = f"repayment:{repayment_id}"
-    if source == "balance":
-        try:
-            await ledger.transfer(conn, transfer_id, wallet(user_id), "repayments", amount, code="repayment", now=now)
-        except InsufficientFunds:
-            available = await wallet_available(conn, user_id)
-            return 409, {"error": {"code": "INSUFFICIENT_BALANCE",
-                                   "message": f"the wallet has {available} fen available, the repayment is {amount} fen"}}
-    else:
-        result = await ctx.deps.bank.authorize(transfer_id, card_token, amount)
-        if result is not ChargeResult.APPROVED:
-            if result is ChargeResult.NO_ANSWER:
-                await ctx.deps.bank.void(transfer_id)
-            code = "CARD_DECLINED" if result is ChargeResult.DECLINED else "CHANNEL_TIMEOUT"
-            return 402, {"error": {"code": code, "message": "the card was not charged"}}
-        await ctx.deps.bank.capture(transfer_id, amount)
-        await ledger.transfer(conn, transfer_id, "bank", "repayments", amount, code="repayment", now=now)
-    await store.insert_repayment(conn, repayment_id, user_id, amount, source, now)
-    await outbox.add(conn, topics.BILLING_COMMANDS, user_id, events.new_event(
-        ApplyRepayment(repayment_id=repayment_id, user_id=user_id, amount=amount, requested_at=now),
-        source=SOURCE, occurred_at=now, correlation_id=user_id))
-    return 201, {"repayment_id": repayment_id, "user_id": user_id, "amount": amount, "source": source,
-                 "status": "pending"}
-
-
-async def repayment_allocated(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: RepaymentAllocated) -> None:
-    """Each part where it belongs: principal to the lender, fees and penalties to billing, the
-    overpayment back to the wallet."""
-    repayment = await store.get_repayment(conn, e.repayment_id, lock=True)
-    if repayment is None or repayment["state"] == "allocated":
-        return
-    now = ctx.clock.now()
-    for part, account, amount in (("principal", "lender", e.principal), ("fees", "billing", e.fee + e.penalty),
-                                  ("overpayment", wallet(e.user_id), e.overpayment)):
-        if amount:
-            await ledger.transfer(conn, f"repayment:{e.repayment_id}:{part}", "repayments", account, amount,
-                                  code=f"repayment_{part}", now=now)
-    await store.allocate_repayment(conn, e.repayment_id, e.model_dump(mode="json"), now)
-
-
-async def overpayment_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: OverpaymentRefunded) -> None:
-    """A refund of an already repaid Huabei purchase: the lender pays the excess into the wallet."""
-    await ledger.transfer(conn, f"overpayment:{e.order_id}:{e.refund_key}", "lender", wallet(e.user_id), e.amount,
-                          code="huabei_overpayment", order_id=e.order_id, now=ctx.clock.now())
-
-
 # ---------------------------------------------------------------- upstream order events
 async def order_event(ctx: Context, conn: asyncpg.Connection, env: Envelope, data) -> None:
     """Every accepted orders.events record is kept; where it goes depends on its payment."""
     now = ctx.clock.now()
     payload = data.model_dump(mode="json")
     if isinstance(data, OrderPlaced):
-        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "applied")
+        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, EventState.APPLIED)
         await order_placed(ctx, conn, env, data)
         return
     if isinstance(data, RefundRequested) and not await store.first_refund_request(conn, data.order_id, data.refund_id):
         # docs/contract.md §3: the same refund_id twice has effect once (and one outcome).
-        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, "duplicate")
+        await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, EventState.DUPLICATE)
         return
     payment = await store.lock_payment(conn, data.order_id)
     state = await _route(ctx, conn, env.type, payload, payment, cause=env.event_id)
     await store.record_order_event(conn, env.event_id, data.order_id, env.type, payload, now, state)
-    if state == "parked":
+    if state is EventState.PARKED:
         log.info("order event parked until its order arrives", order_id=data.order_id, event_type=env.type)
 
 
-ROUTE_STATES = {Route.FORWARD: "forwarded", Route.KEEP: "pending", Route.CANCEL_IN_FLIGHT: "cancel_in_flight",
-                Route.PARK: "parked", Route.REJECT_UNKNOWN_ORDER: "rejected", Route.REJECT_NOT_PAID: "rejected",
-                Route.IGNORE: "ignored"}
+ROUTE_STATES = {Route.FORWARD: EventState.FORWARDED, Route.KEEP: EventState.PENDING,
+                Route.CANCEL_IN_FLIGHT: EventState.CANCEL_IN_FLIGHT, Route.PARK: EventState.PARKED,
+                Route.REJECT_UNKNOWN_ORDER: EventState.REJECTED, Route.REJECT_NOT_PAID: EventState.REJECTED,
+                Route.IGNORE: EventState.IGNORED}
 
 
 async def _route(ctx: Context, conn: asyncpg.Connection, event_type: str, payload: dict, payment: dict | None, *,
-                 cause: str) -> str:
+                 cause: str) -> EventState:
     """Send an upstream event where its order's saga says (domain.route_order_event); returns the
     event's new state."""
     order_id = payload["order_id"]
@@ -192,7 +76,7 @@ async def _route(ctx: Context, conn: asyncpg.Connection, event_type: str, payloa
 
 async def release_parked(ctx: Context, conn: asyncpg.Connection, order_ids: list[str]) -> None:
     """The order has arrived: its parked events go where its saga now says, oldest first."""
-    parked = await store.take_events_many(conn, order_ids, "parked", "released")
+    parked = await store.take_events_many(conn, order_ids, EventState.PARKED, EventState.RELEASED)
     for order_id, kept in parked.items():
         payment = await store.lock_payment(conn, order_id)
         for event in kept:
@@ -291,11 +175,11 @@ async def _settle_kept(ctx: Context, conn: asyncpg.Connection, order_id: str, ke
     """Upstream events kept while the payment was in flight: forwarded once it succeeded, or
     answered (saga.kept_outcomes) once it failed."""
     if kept.failed_reason is None:
-        for event in await store.take_events(conn, order_id, "pending", "forwarded"):
+        for event in await store.take_events(conn, order_id, EventState.PENDING, EventState.FORWARDED):
             await _forward(ctx, conn, event["type"], event["data"], cause=event["event_id"])
         return
-    cancels = await store.take_events(conn, order_id, "cancel_in_flight", "rejected")
-    pending = await store.take_events(conn, order_id, "pending", "rejected")
+    cancels = await store.take_events(conn, order_id, EventState.CANCEL_IN_FLIGHT, EventState.REJECTED)
+    pending = await store.take_events(conn, order_id, EventState.PENDING, EventState.REJECTED)
     for event, by in saga.kept_outcomes(kept.failed_reason, cancels, pending):
         await _publish(ctx, conn, RefundRejected(order_id=order_id, refund_id=event["data"].get("refund_id"),
                                                  reason_code="NOT_PAID"),

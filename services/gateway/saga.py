@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 
+from services.gateway.accounts import BANK, ESCROW, LENDER, wallet
 from services.gateway.bank import ChargeResult
-from services.gateway.domain import (PaymentStatus, Route, Rules, SagaState, counted_by_risk_engine,
-                                     outcome_for_kept_event, payment_status, risk_fallback, validation_failure)
+from services.gateway.domain import (PaymentMethod, PaymentStatus, RiskDecision, Route, Rules, SagaState,
+                                     counted_by_risk_engine, outcome_for_kept_event, payment_status, risk_fallback,
+                                     validation_failure)
 from shared import topics
 from shared.events import (CancelCredit, CancelOrder, CardDeclined, ClawbackRequested, ClawbackSettled, CommitCredit,
                            ConfirmOrder, CreditRefused, CreditReserved, EscrowRefunded, EscrowRefundRejected,
@@ -32,17 +34,10 @@ from shared.events import (CancelCredit, CancelOrder, CardDeclined, ClawbackRequ
                            RefundRejected, ReserveCredit, RestoreCredit, RiskCheckRequested, RiskDecided, ShipOrder,
                            Strict)
 
-# Ledger accounts of the gateway (see handlers.py).
-BANK, LENDER, ESCROW = "bank", "lender", "escrow"
-
-
-def wallet(user_id: str) -> str:
-    return f"wallet:{user_id}"
-
 
 def refund_account(payment_method: str, buyer_id: str) -> str:
     """Refunds go back the way the money came: the wallet, the card (bank) or the lender."""
-    return {"bank_card": BANK, "huabei": LENDER}.get(payment_method) or wallet(buyer_id)
+    return {PaymentMethod.BANK_CARD: BANK, PaymentMethod.HUABEI: LENDER}.get(payment_method) or wallet(buyer_id)
 
 
 def refund_key(refund_id: str | None) -> str:
@@ -58,7 +53,7 @@ class Payment:
     buyer_id: str
     seller_id: str
     amount: int
-    payment_method: str
+    payment_method: str  # a PaymentMethod value
     card_token: str | None
     installments: int
     auto_confirm_days: int
@@ -273,7 +268,7 @@ def _start_holding(p: Payment, now: datetime, rules: Rules, ledger: tuple = ()) 
 
 def _fund(p: Payment, now: datetime, rules: Rules, short: int | None, risk_before: str | None) -> Decision:
     """Move the buyer's money toward escrow: wallet (two-phase), Huabei (try) or card (worker)."""
-    if p.payment_method == "balance":
+    if p.payment_method == PaymentMethod.BALANCE:
         if short is not None:
             return _fail(p, "INSUFFICIENT_BALANCE",
                          f"the wallet has {short} fen available, the order needs {p.amount} fen", rules,
@@ -281,10 +276,10 @@ def _fund(p: Payment, now: datetime, rules: Rules, short: int | None, risk_befor
         # Two-phase: reserved now, posted when escrow holds it, voided if the saga compensates.
         reserve = Transfer(f"payment:{p.order_id}", wallet(p.buyer_id), ESCROW, p.amount, "payment", pending=True)
         return _start_holding(p, now, rules, ledger=(reserve,))
-    if p.payment_method == "huabei":
+    if p.payment_method == PaymentMethod.HUABEI:
         # Try: the credit service reserves the drawdown; confirmed once escrow holds the money.
         return Decision(payment=p.but(state=SagaState.RESERVING,
-                                      next_action_at=now + timedelta(seconds=rules.hold_retry_seconds)),
+                                      next_action_at=now + timedelta(seconds=rules.credit_reserve_retry_seconds)),
                         emit=(Emit(topics.CREDIT_COMMANDS, p.order_id, _reserve_command(p)),))
     # bank_card: the saga worker charges the card, outside the consumer's batch.
     return Decision(payment=p.but(state=SagaState.FUNDING, next_action_at=now,
@@ -296,9 +291,9 @@ def _risk_decision(p: Payment, decision: str, risk_rules: tuple[str, ...], messa
     """approve -> fund; reject -> RISK_REJECTED; review -> wait for an operator (or the deadline)."""
     before = p.risk_decision
     p = p.but(risk_decision=decision, risk_rules=risk_rules, risk_message=message)
-    if decision == "approve":
+    if decision == RiskDecision.APPROVE:
         return _fund(p, now, rules, short, before)
-    if decision == "reject":
+    if decision == RiskDecision.REJECT:
         return _fail(p, "RISK_REJECTED", message, rules, risk_before=before)
     deadline = now + timedelta(seconds=rules.review_timeout_seconds)
     return Decision(payment=p.but(state=SagaState.REVIEW, next_action_at=deadline, deadline_at=deadline))
@@ -333,9 +328,10 @@ def _review_decided(p: Payment, e: ReviewDecided, now: datetime, rules: Rules, s
     if p.state is not SagaState.REVIEW:
         return NOTHING
     if e.approve:
-        return _risk_decision(p, "approve", p.risk_rules, "approved by an operator after review", now, rules, short)
+        return _risk_decision(p, RiskDecision.APPROVE, p.risk_rules, "approved by an operator after review", now,
+                              rules, short)
     message = f"rejected by an operator after review ({', '.join(p.risk_rules)})"
-    return _risk_decision(p, "reject", p.risk_rules, message, now, rules, short)
+    return _risk_decision(p, RiskDecision.REJECT, p.risk_rules, message, now, rules, short)
 
 
 def _due(p: Payment, e: Due, now: datetime, rules: Rules, short: int | None) -> Decision:
@@ -343,17 +339,17 @@ def _due(p: Payment, e: Due, now: datetime, rules: Rules, short: int | None) -> 
     if state is SagaState.RISK_CHECK:
         # The engine is down or slow: the documented fallback keeps the saga moving.
         decision = risk_fallback(p.amount, rules)
-        approves = decision == "approve"
+        approves = decision == RiskDecision.APPROVE
         message = (f"risk engine did not answer within {rules.risk_timeout_seconds} s: fallback "
                    f"{'approves' if approves else 'rejects'} amounts {'up to' if approves else 'above'} "
                    f"{rules.risk_fallback_approve_max} fen")
         return _risk_decision(p, decision, ("risk_engine_timeout",), message, now, rules, short)
     if state is SagaState.REVIEW:
-        return _risk_decision(p, "reject", p.risk_rules, f"review not decided within {rules.review_timeout_seconds} s",
-                              now, rules, short)
+        return _risk_decision(p, RiskDecision.REJECT, p.risk_rules,
+                              f"review not decided within {rules.review_timeout_seconds} s", now, rules, short)
     if state is SagaState.RESERVING:  # credit has not answered: ReserveCredit is idempotent, send it again
         return Decision(payment=p.but(attempts=p.attempts + 1,
-                                      next_action_at=now + timedelta(seconds=rules.hold_retry_seconds)),
+                                      next_action_at=now + timedelta(seconds=rules.credit_reserve_retry_seconds)),
                         emit=(Emit(topics.CREDIT_COMMANDS, p.order_id, _reserve_command(p)),))
     if state is SagaState.HOLDING:  # escrow has not answered: HoldFunds is idempotent, send it again
         return _start_holding(p, now, rules)
@@ -405,9 +401,9 @@ def _funds_held(p: Payment, e: FundsHeld, now: datetime, rules: Rules, short: in
     if p.state is not SagaState.HOLDING:
         return NOTHING  # the answer to a re-sent hold: already applied
     o, ledger, bank, emit = p.order_id, (), (), ()
-    if p.payment_method == "balance":
+    if p.payment_method == PaymentMethod.BALANCE:
         ledger = (Resolve(f"payment-post:{o}", f"payment:{o}", post=True),)
-    elif p.payment_method == "bank_card":
+    elif p.payment_method == PaymentMethod.BANK_CARD:
         bank = (Bank("capture", f"charge:{o}", p.amount),)
         ledger = (Transfer(f"charge:{o}", BANK, ESCROW, p.amount, "card_payment"),)
     else:  # huabei: confirm the drawdown
@@ -423,9 +419,9 @@ def _hold_refused(p: Payment, e: HoldRefused, now: datetime, rules: Rules, short
     if p.state is not SagaState.HOLDING:
         return NOTHING
     o, ledger, bank, emit = p.order_id, (), (), ()
-    if p.payment_method == "balance":
+    if p.payment_method == PaymentMethod.BALANCE:
         ledger = (Resolve(f"payment-void:{o}", f"payment:{o}", post=False),)
-    elif p.payment_method == "huabei":
+    elif p.payment_method == PaymentMethod.HUABEI:
         ledger = (Transfer(f"huabei-return:{o}", ESCROW, LENDER, p.amount, "huabei_cancel"),)
         emit = (Emit(topics.CREDIT_COMMANDS, o, CancelCredit(order_id=o)),)
     else:  # bank_card: authorized, never captured
@@ -454,7 +450,7 @@ def _escrow_released(p: Payment, e: EscrowReleased, now: datetime, rules: Rules,
 
 
 def _restore(p: Payment, e, cause_refund_id: str | None) -> tuple[Emit, ...]:
-    if e.payment_method != "huabei":
+    if e.payment_method != PaymentMethod.HUABEI:
         return ()
     return (Emit(topics.CREDIT_COMMANDS, p.order_id, RestoreCredit(
         order_id=p.order_id, user_id=e.buyer_id, amount=e.amount, refund_key=refund_key(cause_refund_id))),)
@@ -464,7 +460,8 @@ def _escrow_refunded(p: Payment, e: EscrowRefunded, now: datetime, rules: Rules,
     """Refunded from the hold: back the way the money came."""
     # A cancel's refund has no refund_id; its own id space keeps it apart from a refund named "cancel".
     transfer_id = f"refund:{p.order_id}:{e.refund_id}" if e.refund_id else f"cancel-refund:{p.order_id}"
-    bank = (Bank("refund", transfer_id, e.amount, f"charge:{p.order_id}"),) if e.payment_method == "bank_card" else ()
+    bank = (Bank("refund", transfer_id, e.amount, f"charge:{p.order_id}"),) \
+        if e.payment_method == PaymentMethod.BANK_CARD else ()
     completed = RefundCompleted(order_id=p.order_id, refund_id=e.refund_id, amount=e.amount,
                                 payment_method=e.payment_method)
     return Decision(payment=_with_status(p, refunded=p.refunded + e.amount),
@@ -480,7 +477,8 @@ def _clawback_requested(p: Payment, e: ClawbackRequested, now: datetime, rules: 
         rejected = RefundRejected(order_id=p.order_id, refund_id=e.refund_id, reason_code="SELLER_INSUFFICIENT_FUNDS")
         return Decision(emit=(_payment_event(p, rejected), Emit(topics.ESCROW_COMMANDS, p.order_id, ClawbackSettled(
             order_id=p.order_id, refund_id=e.refund_id, amount=e.amount, ok=False))))
-    bank = (Bank("refund", transfer_id, e.amount, f"charge:{p.order_id}"),) if e.payment_method == "bank_card" else ()
+    bank = (Bank("refund", transfer_id, e.amount, f"charge:{p.order_id}"),) \
+        if e.payment_method == PaymentMethod.BANK_CARD else ()
     completed = RefundCompleted(order_id=p.order_id, refund_id=e.refund_id, amount=e.amount,
                                 payment_method=e.payment_method)
     return Decision(payment=_with_status(p, refunded=p.refunded + e.amount),

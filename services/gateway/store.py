@@ -191,9 +191,10 @@ async def insert_withdrawal(conn: asyncpg.Connection, user_id: str, key: str, am
         user_id, key, amount, fee, now)
 
 
-async def lock_wallet(conn: asyncpg.Connection, user_id: str) -> None:
-    """Serialise one wallet's withdrawals (the fee depends on what was withdrawn before)."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('wallet:' || $1))", user_id)
+async def lock_wallet(conn: asyncpg.Connection, account: str) -> None:
+    """Serialise one wallet's withdrawals (the fee depends on what was withdrawn before); the lock
+    is keyed by the wallet's account name (accounts.wallet)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", account)
 
 
 # ---------------------------------------------------------------- repayments

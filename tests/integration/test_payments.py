@@ -39,6 +39,36 @@ async def test_top_up_is_idempotent_and_withdrawal_charges_the_fee_above_the_quo
     await shop.audit()
 
 
+async def test_the_idempotency_key_may_come_in_a_header(shop):
+    user = await shop.user()
+    gateway = shop.api("gateway")
+    top_ups, withdrawals = f"/v1/wallets/{user}/top-ups", f"/v1/wallets/{user}/withdrawals"
+    body = {"amount": 1_000, "card_token": "tok_visa"}
+    first = await gateway.post(top_ups, json=body, headers={"Idempotency-Key": "h-1"})
+    assert first.status_code == 201, first.text
+    # The same request with its key in the body, or in both: the same request, answered once.
+    in_body = await gateway.post(top_ups, json={**body, "idempotency_key": "h-1"})
+    in_both = await gateway.post(top_ups, json={**body, "idempotency_key": "h-1"}, headers={"Idempotency-Key": "h-1"})
+    for again in (in_body, in_both):
+        assert again.status_code == 201 and again.json() == first.json()
+    other = await gateway.post(top_ups, json={**body, "amount": 5}, headers={"Idempotency-Key": "h-1"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    differ = await gateway.post(top_ups, json={**body, "idempotency_key": "h-2"}, headers={"Idempotency-Key": "h-3"})
+    neither = await gateway.post(top_ups, json=body)
+    assert [r.status_code for r in (differ, neither)] == [400, 400]
+    assert {r.json()["error"]["code"] for r in (differ, neither)} == {"INVALID_REQUEST"}
+    assert await shop.wallet(user) == 1_000
+
+    # A refusal is the stored answer too, whichever way the key comes.
+    refused = await gateway.post(withdrawals, json={"amount": 5_000}, headers={"Idempotency-Key": "w-h"})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "INSUFFICIENT_BALANCE"
+    await shop.top_up(user, 10_000)
+    replayed = await gateway.post(withdrawals, json={"amount": 5_000, "idempotency_key": "w-h"})
+    assert replayed.status_code == 409 and replayed.json() == refused.json()
+    assert await shop.wallet(user) == 11_000
+    await shop.audit()
+
+
 async def test_declined_and_silent_cards_do_not_top_up(shop):
     user = await shop.user()
     gateway = shop.api("gateway")

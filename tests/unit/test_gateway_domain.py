@@ -1,8 +1,18 @@
+import re
+import typing
+from decimal import Decimal
+from pathlib import Path
+
 import pytest
 
-from services.gateway.domain import (PaymentStatus, risk_fallback, Registration, Route, Rules, SagaState, outcome_for_kept_event,
-                                     payment_status, registration_outcome, route_order_event, validation_failure,
-                                     withdrawal_fee)
+import services.gateway
+from services.gateway.domain import (OrderEventState, PaymentMethod, PaymentStatus, RepaymentSource, RepaymentState,
+                                     RiskDecision, risk_fallback, Registration, Route, Rules, SagaState,
+                                     outcome_for_kept_event, payment_status, registration_outcome, route_order_event,
+                                     validation_failure, withdrawal_fee)
+from shared import topics
+from shared.events import SCHEMAS, PaymentMethod as PaymentMethodLiteral, RiskDecided
+from shared.settings import SettingsError
 
 USER = {"user_id": "u-1", "full_name": "A", "birth_date": None, "phone_hash": "1" * 64, "phone_masked": "*1",
         "id_number_hash": None, "id_number_masked": None, "real_name_verified": True}
@@ -73,6 +83,33 @@ def test_kept_events_after_the_outcome():
     assert outcome_for_kept_event("OrderShipped", "CARD_DECLINED") is Route.IGNORE
 
 
+def test_rules_from_env():
+    assert Rules.from_env({}) == RULES
+    assert Rules.from_env({"ESCROW_HOLD_RETRY_SECONDS": " ", "RISK_ENABLED": ""}) == RULES  # blank: the default
+    rules = Rules.from_env({"WITHDRAWAL_FEE_PCT": "0.2", "RISK_ENABLED": "off", "BANK_CHANNEL_TIMEOUT_SECONDS": "9",
+                            "PARKED_EVENT_TTL_SECONDS": "60"})
+    assert (rules.withdrawal_fee_rate, rules.risk_enabled, rules.channel_timeout_seconds,
+            rules.parked_event_ttl_seconds) == (Decimal("0.002"), False, 9, 60)
+
+
+def test_credit_reservations_are_re_sent_at_the_hold_pace_unless_told_otherwise():
+    assert Rules.from_env({"ESCROW_HOLD_RETRY_SECONDS": "12"}).credit_reserve_retry_seconds == 12
+    rules = Rules.from_env({"ESCROW_HOLD_RETRY_SECONDS": "12", "CREDIT_RESERVE_RETRY_SECONDS": "3"})
+    assert (rules.hold_retry_seconds, rules.credit_reserve_retry_seconds) == (12, 3)
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("WITHDRAWAL_FEE_PCT", "ten"), ("WITHDRAWAL_FREE_QUOTA_FEN", "-1"), ("WITHDRAWAL_MIN_FEE_FEN", "1.5"),
+    ("BANK_CHANNEL_TIMEOUT_SECONDS", "0"), ("ESCROW_HOLD_RETRY_SECONDS", "30s"), ("CREDIT_RESERVE_RETRY_SECONDS", "0"),
+    ("RISK_ENABLED", "maybe"), ("RISK_DECISION_TIMEOUT_SECONDS", "five"), ("RISK_FALLBACK_APPROVE_MAX_FEN", "1e5"),
+    ("RISK_REVIEW_TIMEOUT_SECONDS", "-3"), ("PARKED_EVENT_TTL_SECONDS", "7d"),
+])
+def test_a_bad_rule_setting_is_one_error_naming_it(name, bad):
+    with pytest.raises(SettingsError, match=rf"^{name} must ") as info:
+        Rules.from_env({name: bad})
+    assert "\n" not in str(info.value)
+
+
 def test_risk_fallback_approves_small_payments_only():
     assert risk_fallback(100_000, RULES) == "approve"
     assert risk_fallback(100_001, RULES) == "reject"
@@ -92,3 +129,39 @@ def test_which_failed_payments_the_risk_engine_counted():
     assert not counted_by_risk_engine("RISK_REJECTED", None)  # the engine rejected it: never counted
     assert not counted_by_risk_engine("UNKNOWN_BUYER", None)
     assert not counted_by_risk_engine("UNKNOWN_SELLER", None)
+
+
+# ---------------------------------------------------------------- closed sets: code and CHECK constraints agree
+def _check_values(table: str, column: str) -> set[str]:
+    """The values a CHECK constraint of the gateway's migrations allows `column` of `table`."""
+    sql = "\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*.sql")))
+    found = set()
+    for statement in sql.split(";"):
+        if re.search(rf"\b(TABLE|ALTER TABLE)\s+{table}\b", statement):
+            for values in re.findall(rf"\b{column}\s+(?:IN\s*\(([^)]*)\)|=\s*('[^']*'))", statement):
+                found |= {v.strip().strip("'") for v in ",".join(values).split(",") if v.strip()}
+    return found
+
+
+MIGRATIONS = Path(services.gateway.__file__).parent / "migrations"
+
+
+@pytest.mark.parametrize("table, column, values", [
+    ("payments", "payment_method", {m.value for m in PaymentMethod}),
+    ("payments", "saga_state", {s.value for s in SagaState}),
+    ("payments", "status", {s.value for s in PaymentStatus}),
+    ("payments", "risk_decision", {d.value for d in RiskDecision}),
+    ("payments", "installments", {"1", "3", "6", "9", "12"}),
+    ("order_events", "state", {s.value for s in OrderEventState}),
+    ("order_events", "type", set(SCHEMAS[topics.ORDERS])),
+    ("repayments", "source", {s.value for s in RepaymentSource}),
+    ("repayments", "state", {s.value for s in RepaymentState}),
+])
+def test_enums_match_the_check_constraints(table, column, values):
+    assert _check_values(table, column) == values
+
+
+def test_payment_methods_are_the_events_methods():
+    assert {m.value for m in PaymentMethod} == set(typing.get_args(PaymentMethodLiteral))
+    assert {s.value for s in RepaymentSource} < {m.value for m in PaymentMethod}
+    assert set(typing.get_args(typing.get_type_hints(RiskDecided)["decision"])) == {d.value for d in RiskDecision}

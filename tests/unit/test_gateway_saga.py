@@ -200,6 +200,17 @@ def test_credit_reserved_books_the_loan_and_holds():
     assert kinds(d) == ["HoldFunds"]
 
 
+def test_credit_reservations_and_holds_are_re_sent_each_at_its_own_pace():
+    rules = replace(RULES, hold_retry_seconds=30, credit_reserve_retry_seconds=7)
+    reserving = decide(pay(S.RISK_CHECK, method="huabei"), SAGA_EVENTS["approve"], T0, rules).payment
+    assert reserving.state is S.RESERVING and reserving.next_action_at == T0 + timedelta(seconds=7)
+    again = decide(reserving, Due(), T0, rules)
+    assert kinds(again) == ["ReserveCredit"] and again.payment.next_action_at == T0 + timedelta(seconds=7)
+    holding = decide(reserving, SAGA_EVENTS["credit_reserved"], T0, rules).payment
+    assert holding.state is S.HOLDING and holding.next_action_at == T0 + timedelta(seconds=30)
+    assert decide(holding, Due(), T0, rules).payment.next_action_at == T0 + timedelta(seconds=30)
+
+
 def test_release_pays_the_seller_once():
     p = pay(S.COMPLETED, status=PaymentStatus.HELD)
     released = EscrowReleased(order_id="o-1", buyer_id="b", seller_id="s", payment_method="balance", gross_amount=1000,

@@ -38,7 +38,7 @@ import pytest
 
 from services.credit import domain as credit
 from services.escrow import domain as escrow
-from services.gateway import saga
+from services.gateway import accounts, saga
 from services.gateway.bank import ChargeResult
 from services.gateway.domain import Route, Rules, SagaState, route_order_event
 from shared import topics
@@ -512,11 +512,11 @@ class Sim:
         for buyer in self.buyers:
             top_up = rng.choice([0, 500, 2_000, 50_000])
             if top_up:
-                self.gateway.ledger.transfer(f"topup:{buyer}", "bank", saga.wallet(buyer), top_up)
+                self.gateway.ledger.transfer(f"topup:{buyer}", accounts.BANK, accounts.wallet(buyer), top_up)
             if rng.random() < 0.8:
                 self.credit.lines[buyer] = credit.Line(credit_limit=rng.choice([1_000, 5_000, 50_000]), used=0,
                                                        reserved=0, frozen=rng.random() < 0.1)
-        wallets = {b: self.gateway.ledger.available(saga.wallet(b)) for b in self.buyers}
+        wallets = {b: self.gateway.ledger.available(accounts.wallet(b)) for b in self.buyers}
         self.log(f"setup: risk control {'on' if self.rules.risk_enabled else 'off'}, buyers {self.buyers}, sellers "
                  f"{self.sellers}, wallets {wallets}, lines {self.credit.lines}")
 
@@ -756,14 +756,14 @@ class Sim:
         for pending_id, (debit, _, amount, kind) in g.ledger.transfers.items():
             if kind == "pending":
                 check(pending_id in g.ledger.resolved, f"wallet reservation {pending_id} never resolved")
-        at_escrow = g.ledger.balance[saga.ESCROW]
+        at_escrow = g.ledger.balance[accounts.ESCROW]
         held = sum(e.ledger.balance[escrow.hold_account(o)] for o in e.escrows) + e.ledger.balance[escrow.FEE_REVENUE]
         check(at_escrow == held == -e.ledger.balance[escrow.GATEWAY],
               f"the gateway has {at_escrow} at escrow, escrow holds {held} (its gateway account "
               f"{-e.ledger.balance[escrow.GATEWAY]})")
         loans = sum(c.ledger.balance[credit.loan_account(u)] for u in c.lines)
-        check(g.ledger.balance[saga.LENDER] == loans == -c.ledger.balance[credit.LENT],
-              f"the gateway owes the lender {-g.ledger.balance[saga.LENDER]}, credit lent {-loans}")
+        check(g.ledger.balance[accounts.LENDER] == loans == -c.ledger.balance[credit.LENT],
+              f"the gateway owes the lender {-g.ledger.balance[accounts.LENDER]}, credit lent {-loans}")
         for p in g.payments.values():
             x = e.escrows.get(p.order_id)
             holds = x is not None and x.amount > 0
