@@ -133,12 +133,18 @@ def client_kwargs(bootstrap: str | None = None, security: Security | None = None
             **client_options(security)}
 
 
+PRODUCER_MAX_BATCH_BYTES = 512 * 1024  # below the broker's 1 MB message.max.bytes
+
+
 def make_producer(bootstrap: str, security: Security | None = None) -> AIOKafkaProducer:
     # Idempotent + acks=all: a retried send is written once, and per-partition order holds.
     # No linger: the relay hands over whole batches anyway, and while one produce request is in
     # flight the next batch fills by itself; a linger would only add to every hop's latency.
+    # Batches up to 512 kB: with the default 16 kB a relay run of 500 rows filled a partition's
+    # batch every ~30 rows and then waited for it to drain, a round trip to the broker each.
     return AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
-                            linger_ms=0, request_timeout_ms=30_000, **client_options(security))
+                            linger_ms=0, max_batch_size=PRODUCER_MAX_BATCH_BYTES, request_timeout_ms=30_000,
+                            **client_options(security))
 
 
 async def ensure_topics(bootstrap: str, names: list[str], partitions: int, replication: int = 1,
