@@ -375,8 +375,10 @@ def set_run(topic: str, event_type: str, run: list) -> Iterator[None]:
     contexts_token = _SET_CONTEXTS.set(contexts)
     error = None
     try:
+        # A run of one record: its span is that record's child, as one by one.
+        parent = trace.set_span_in_context(NonRecordingSpan(links[0].context), _ROOT) if len(run) == 1 else _ROOT
         with _tracer.start_as_current_span(
-                f"process {topic}", context=_ROOT, kind=SpanKind.CONSUMER, links=links,
+                f"process {topic}", context=parent, kind=SpanKind.CONSUMER, links=links,
                 attributes={"messaging.system": "kafka",
                             "messaging.destination.name": topic, "messaging.batch.message_count": len(run),
                             "danbao.event_type": event_type, "danbao.set_path": True}):
