@@ -14,9 +14,9 @@ import structlog
 from services.gateway import domain, saga, store
 from services.gateway.domain import OrderEventState as EventState, Route, SagaState
 from shared import events, ledger, metrics, outbox, timers, topics
-from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, Envelope, EscrowRefunded,
-                           EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced, RefundRejected,
-                           RefundRequested, RiskDecided)
+from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, DrawdownCommitted, Envelope,
+                           EscrowRefunded, EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced,
+                           RefundRejected, RefundRequested, RiskDecided)
 from shared.ledger import InsufficientFunds
 from shared.runtime import Context
 
@@ -232,7 +232,7 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, row: dict) -> None:
     card = None
     if saga.charges_card(p):
         card = await ctx.deps.bank.authorize(f"charge:{p.order_id}", p.card_token, p.amount)
-    if p.state in (SagaState.RESERVING, SagaState.HOLDING):
+    if p.state in (SagaState.RESERVING, SagaState.COMMITTING, SagaState.HOLDING):
         log.warning("no answer yet; re-sending the command", order_id=p.order_id, saga_state=p.state.value,
                     attempts=p.attempts)
     event = saga.Due(card)
@@ -265,6 +265,10 @@ async def credit_reserved(ctx: Context, conn: asyncpg.Connection, env: Envelope,
 
 
 async def credit_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditRefused) -> None:
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
+
+
+async def drawdown_committed(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: DrawdownCommitted) -> None:
     await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
