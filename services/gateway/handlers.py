@@ -363,7 +363,8 @@ async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -
 
 async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
     """Payments escrow now holds whose settlement is posting a wallet reservation (or, for
-    Huabei, confirming the drawdown): PaymentSucceeded, kept events forwarded."""
+    Huabei, nothing: the drawdown was committed before the hold): PaymentSucceeded, kept events
+    forwarded."""
     decided = await _lock_and_decide(ctx, conn, items)
     late = [x for x in decided if x[3].changes_nothing]  # the answer to a re-sent hold, already applied
     fast = [x for x in decided if x[3].payment is not None and x[3].payment.state is SagaState.COMPLETED
