@@ -823,11 +823,15 @@ def test_saga_protocol_under_faults():
         totals["parked, then released"] += sim.gateway.released_parked
         for outcome, count in sim.credit.late_commits.items():
             totals[f"late commit {outcome}"] += count
+        totals["drawdown reversed (hold refused)"] += sum(
+            r.state is credit.ReservationState.CANCELLED and r.committed_at is not None
+            for r in sim.credit.reservations.values())
     print(f"\n{len(seeds())} histories: {dict(totals)}")
     # The histories reach the interesting places (a guard against a simulation that tests nothing).
     if REPLAY_SEED is None and HISTORIES >= 100:
         for outcome in ("COMPLETED", "INSUFFICIENT_BALANCE", "CARD_DECLINED", "CHANNEL_TIMEOUT",
-                        "CREDIT_LIMIT_EXCEEDED", "RISK_REJECTED", "ORDER_CANCELLED", "UNKNOWN_BUYER"):
+                        "CREDIT_LIMIT_EXCEEDED", "RISK_REJECTED", "ORDER_CANCELLED", "UNKNOWN_BUYER",
+                        "late commit committed", "drawdown reversed (hold refused)"):
             assert totals[outcome] > 0, f"no history ended {outcome}: {dict(totals)}"
 
 
@@ -859,3 +863,19 @@ def test_a_broken_rule_is_caught_and_reported_with_its_replay(event, mutant, fou
     report = str(failure.value)
     assert report.startswith("simulation seed ") and "replay: DANBAO_SIM_SEED=" in report
     assert any(f in report for f in found), report.splitlines()[0]
+
+
+def test_a_late_commit_over_the_limit_is_caught():
+    """Issue 12: the histories reach commits of reservations that expired while their credit went
+    to other orders (credit refuses them), and the rule before the fix — commit whatever the line
+    holds — is caught there: the line goes over its limit."""
+    start = BASE_SEED * 100_000
+    seed = next(s for s in range(start, start + 3000) if run_history(s).credit.late_commits.get("refused"))
+    original = credit.on_commit
+    credit.on_commit = lambda r, line, now: original(r, credit.Line(10**12, 0, 0, False), now)  # the line ignored
+    try:
+        with pytest.raises(Violation, match="over its limit") as failure:
+            run_history(seed)
+    finally:
+        credit.on_commit = original
+    assert f"replay: DANBAO_SIM_SEED={seed}" in str(failure.value)
