@@ -8,3 +8,8 @@ ALTER TABLE payments ADD CONSTRAINT payments_saga_state_check
 DROP INDEX payments_saga_due;
 CREATE INDEX payments_saga_due ON payments (next_action_at)
     WHERE saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'COMMITTING', 'FUNDING', 'HOLDING');
+-- Huabei payments caught in HOLDING by the upgrade came the old way (hold first, commit on
+-- FundsHeld), so nothing would commit their drawdown now: they go back to COMMITTING, and the
+-- worker sends CommitCredit. The lender's transfer and HoldFunds that follow are idempotent (the
+-- same transfer id; escrow answers a hold it has again), so they finish the new way.
+UPDATE payments SET saga_state = 'COMMITTING' WHERE saga_state = 'HOLDING' AND payment_method = 'huabei';
