@@ -279,8 +279,8 @@ def on_commit(r: Reservation | None, line: Line | None, now: datetime) -> Credit
     longer fits. That keeps every line within its limit. A re-sent command gets the same answer."""
     if r is None or r.state is ReservationState.CANCELLED:
         return CREDIT_NOTHING
-    if r.state is ReservationState.COMMITTED:
-        return CreditDecision(emit=(_drawdown(r),))
+    if r.state is ReservationState.COMMITTED:  # (committed_at unknown: committed before it was kept)
+        return CreditDecision(emit=(_drawdown(r if r.committed_at else replace(r, committed_at=now)),))
     if r.state is ReservationState.REFUSED:
         return CreditDecision(emit=(CreditRefused(order_id=r.order_id, user_id=r.user_id, reason_code=r.reason_code,
                                                   message=r.message),))
