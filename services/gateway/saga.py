@@ -11,11 +11,11 @@ nothing: `decide` returns `NOTHING`.
 
 Inputs: the consumed events themselves (`RiskDecided`, `CreditReserved`, `CreditRefused`,
 `DrawdownCommitted`, `FundsHeld`, `HoldRefused`, `EscrowReleased`, `EscrowRefunded`,
-`ClawbackRequested`), and
-`Placed` (the payment row was just created), `ReviewDecided` (an operator), `Due` (the saga
-worker: the payment's `next_action_at` has come, with the card's answer when `charges_card`),
-`CancelRequested` (an upstream cancel while the payment is in flight), and `Short` (the same
-event again, when its first transfer would have overdrawn a wallet: the applier found that out).
+`ClawbackRequested`), and `Placed` (the payment row was just created), `ReviewDecided` (an
+operator), `Due` (the saga worker: the payment's `next_action_at` has come, with the card's answer
+when `charges_card`), `CancelRequested` (an upstream cancel while the payment is in flight), and
+`Short` (the same event again, when its first transfer would have overdrawn a wallet: the applier
+found that out).
 """
 from __future__ import annotations
 
