@@ -259,12 +259,13 @@ class ReserveCredit(Strict):
 
 
 class CommitCredit(Strict):
-    """Confirm: the hold succeeded; the reservation becomes a drawdown (a loan to the buyer)."""
+    """Confirm, before escrow holds the money: the reservation becomes a drawdown (a loan to the
+    buyer), or is refused if it expired and the line no longer has room for it."""
     order_id: Identifier
 
 
 class CancelCredit(Strict):
-    """Cancel: the saga compensates; the reservation is released."""
+    """Cancel: the saga compensates; the reservation is released (a committed drawdown reversed)."""
     order_id: Identifier
 
 

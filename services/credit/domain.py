@@ -175,9 +175,9 @@ def reviewed_limit(current_limit: int, score: int, *, on_time_since: int, late_s
 class ReservationState(str, Enum):
     RESERVED = "reserved"    # tried: counted in the line's `reserved`
     COMMITTED = "committed"  # confirmed: a drawdown, counted in `used`
-    CANCELLED = "cancelled"  # the saga compensated
-    EXPIRED = "expired"      # never confirmed within the TTL: the credit is free again
-    REFUSED = "refused"      # kept so that a re-sent ReserveCredit gets the same answer
+    CANCELLED = "cancelled"  # the saga compensated (a committed drawdown is reversed)
+    EXPIRED = "expired"      # not confirmed within the TTL: the credit is free again (a commit re-checks the line)
+    REFUSED = "refused"      # at the try, or at the commit of an expired one (kept: the same answer again)
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,14 @@ class Reservation:
     expires_at: datetime
     reason_code: str | None = None
     message: str | None = None
+    committed_at: datetime | None = None  # DrawdownCommitted's, answered again to a re-sent commit
 
     @classmethod
     def from_row(cls, row) -> "Reservation":
         return cls(order_id=row["order_id"], user_id=row["user_id"], amount=row["amount"],
                    installments=row["installments"], state=ReservationState(row["state"]),
-                   expires_at=row["expires_at"], reason_code=row["reason_code"], message=row["message"])
+                   expires_at=row["expires_at"], reason_code=row["reason_code"], message=row["message"],
+                   committed_at=row["committed_at"])
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,11 @@ CREDIT_NOTHING = CreditDecision()
 # Ledger accounts of credit (shared/ledger.py).
 LENT = "gateway"      # money lent out through the gateway (credit-normal: `loan:<user>` owes it)
 LOAN_PREFIX = "loan:"  # one per buyer: what the buyer owes the lender (debit-normal)
+
+
+# DrawdownRefunded.refund_key of a drawdown reversed because escrow refused the hold (refunds are
+# "r:<refund_id>" or "cancel": no clash).
+HOLD_REFUSED = "hold_refused"
 
 
 def loan_account(user_id: str) -> str:
@@ -259,23 +266,54 @@ def on_reserve(existing: Reservation | None, line: Line | None, cmd: ReserveCred
     return new_reservation(cmd, now, ttl_seconds, reservation_refusal(line, cmd.amount))
 
 
-def on_commit(r: Reservation | None, now: datetime) -> CreditDecision:
-    """Confirm: the reservation becomes a drawdown (a loan) for billing. A late commit of an
-    expired reservation still stands: the money is in escrow already."""
-    if r is None or r.state not in (ReservationState.RESERVED, ReservationState.EXPIRED):
-        return CREDIT_NOTHING  # unknown, or already committed or cancelled
-    return CreditDecision(
-        reservation=replace(r, state=ReservationState.COMMITTED),
-        reserved=-r.amount if r.state is ReservationState.RESERVED else 0, used=r.amount,
-        transfers=(LoanTransfer(f"drawdown:{r.order_id}", loan_account(r.user_id), LENT, r.amount, "drawdown"),),
-        emit=(DrawdownCommitted(order_id=r.order_id, user_id=r.user_id, amount=r.amount, installments=r.installments,
-                                committed_at=now),))
+def _drawdown(r: Reservation) -> DrawdownCommitted:
+    return DrawdownCommitted(order_id=r.order_id, user_id=r.user_id, amount=r.amount, installments=r.installments,
+                             committed_at=r.committed_at)
 
 
-def on_cancel(r: Reservation | None) -> CreditDecision:
-    if r is None or r.state is not ReservationState.RESERVED:
+def on_commit(r: Reservation | None, line: Line | None, now: datetime) -> CreditDecision:
+    """Confirm: the reservation becomes a drawdown (a loan) for billing. The saga commits before
+    escrow holds any money, so a commit may be refused: one whose reservation expired first gave
+    its credit back, which other orders may have taken since, so it is checked against `line`
+    (the account as it stands, locked by the caller) like a new reservation and refused if it no
+    longer fits. That keeps every line within its limit. A re-sent command gets the same answer."""
+    if r is None or r.state is ReservationState.CANCELLED:
         return CREDIT_NOTHING
-    return CreditDecision(reservation=replace(r, state=ReservationState.CANCELLED), reserved=-r.amount)
+    if r.state is ReservationState.COMMITTED:  # (committed_at unknown: committed before it was kept)
+        return CreditDecision(emit=(_drawdown(r if r.committed_at else replace(r, committed_at=now)),))
+    if r.state is ReservationState.REFUSED:
+        return CreditDecision(emit=(CreditRefused(order_id=r.order_id, user_id=r.user_id, reason_code=r.reason_code,
+                                                  message=r.message),))
+    if r.state is ReservationState.EXPIRED:
+        refusal = reservation_refusal(line, r.amount)
+        if refusal:
+            code, message = refusal[0], f"the reservation expired before the payment was confirmed; {refusal[1]}"
+            return CreditDecision(
+                reservation=replace(r, state=ReservationState.REFUSED, reason_code=code, message=message),
+                emit=(CreditRefused(order_id=r.order_id, user_id=r.user_id, reason_code=code, message=message),))
+    committed = replace(r, state=ReservationState.COMMITTED, committed_at=now)
+    return CreditDecision(
+        reservation=committed, reserved=-r.amount if r.state is ReservationState.RESERVED else 0, used=r.amount,
+        transfers=(LoanTransfer(f"drawdown:{r.order_id}", loan_account(r.user_id), LENT, r.amount, "drawdown"),),
+        emit=(_drawdown(committed),))
+
+
+def on_cancel(r: Reservation | None, now: datetime) -> CreditDecision:
+    """Cancel: the saga compensates. A reservation gives its credit back; a committed drawdown
+    (escrow refused the hold that came after it) is reversed: the loan is cleared and billing
+    hears of it as a refund of the whole purchase (refund_key `hold_refused`)."""
+    if r is None:
+        return CREDIT_NOTHING
+    if r.state is ReservationState.RESERVED:
+        return CreditDecision(reservation=replace(r, state=ReservationState.CANCELLED), reserved=-r.amount)
+    if r.state is ReservationState.COMMITTED:
+        return CreditDecision(
+            reservation=replace(r, state=ReservationState.CANCELLED), used=-r.amount,
+            transfers=(LoanTransfer(f"drawdown-void:{r.order_id}", LENT, loan_account(r.user_id), r.amount,
+                                    "drawdown_void"),),
+            emit=(DrawdownRefunded(order_id=r.order_id, user_id=r.user_id, amount=r.amount,
+                                   refund_key=HOLD_REFUSED, refunded_at=now),))
+    return CREDIT_NOTHING
 
 
 def on_expire(r: Reservation, now: datetime) -> CreditDecision:

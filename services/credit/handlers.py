@@ -76,7 +76,8 @@ async def _apply(ctx: Context, conn: asyncpg.Connection, d: domain.CreditDecisio
         await store.insert_reservation(conn, r.order_id, r.user_id, r.amount, r.installments, r.expires_at, now,
                                        refusal=refusal)
     elif r is not None:
-        await store.set_reservation_state(conn, r.order_id, r.state.value, now)
+        await store.set_reservation_state(conn, r.order_id, r.state.value, now, reason_code=r.reason_code,
+                                          message=r.message, committed_at=r.committed_at)
     if (d.reserved or d.used) and not (new and d.reserved > 0):  # a new reservation took its credit already
         await store.move(conn, user_id, reserved=d.reserved, used=d.used)
     for t in d.transfers:
@@ -109,18 +110,24 @@ async def reserve_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, 
 
 async def commit_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: CommitCredit) -> None:
     r = await _reservation(conn, c.order_id)
-    if r is not None and r.state is domain.ReservationState.EXPIRED:
-        # The hold outran the reservation; the money is in escrow already, so the drawdown stands.
-        log.warning("committing an expired reservation", order_id=c.order_id)
-    d = domain.on_commit(r, ctx.clock.now())
-    if r is not None:
-        await _apply(ctx, conn, d, r.user_id, c.order_id, cause=env.event_id)
+    if r is None:
+        return
+    line = None
+    if r.state is domain.ReservationState.EXPIRED:
+        # Its credit went back to the line: the check and the drawdown happen under the account's
+        # lock (reservation, then account: the order the expiry loop locks them in too).
+        line = store.line_of(await store.get_account(conn, r.user_id, lock=True))
+    d = domain.on_commit(r, line, ctx.clock.now())
+    if r.state is domain.ReservationState.EXPIRED:
+        refused = d.reservation is not None and d.reservation.state is domain.ReservationState.REFUSED
+        log.warning("commit of an expired reservation", order_id=c.order_id, refused=refused)
+    await _apply(ctx, conn, d, r.user_id, c.order_id, cause=env.event_id)
 
 
 async def cancel_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: CancelCredit) -> None:
     r = await _reservation(conn, c.order_id)
     if r is not None:
-        await _apply(ctx, conn, domain.on_cancel(r), r.user_id, c.order_id, cause=env.event_id)
+        await _apply(ctx, conn, domain.on_cancel(r, ctx.clock.now()), r.user_id, c.order_id, cause=env.event_id)
 
 
 async def restore_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: RestoreCredit) -> None:

@@ -159,8 +159,14 @@ async def insert_reservation(conn: asyncpg.Connection, order_id: str, user_id: s
         refusal[0] if refusal else None, refusal[1] if refusal else None, expires_at, now)
 
 
-async def set_reservation_state(conn: asyncpg.Connection, order_id: str, state: str, now: datetime) -> None:
-    await conn.execute("UPDATE reservations SET state = $2, updated_at = $3 WHERE order_id = $1", order_id, state, now)
+async def set_reservation_state(conn: asyncpg.Connection, order_id: str, state: str, now: datetime, *,
+                                reason_code: str | None = None, message: str | None = None,
+                                committed_at: datetime | None = None) -> None:
+    """A reservation's new state, with the refusal's reason (a refused commit) or when it was committed."""
+    await conn.execute(
+        """UPDATE reservations SET state = $2, updated_at = $3, reason_code = $4, message = $5,
+               committed_at = COALESCE($6, committed_at) WHERE order_id = $1""",
+        order_id, state, now, reason_code, message, committed_at)
 
 
 async def expired_reservations(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:

@@ -35,7 +35,8 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         "ClawbackRequested": handlers.clawback_requested,
         "EscrowRefundRejected": handlers.escrow_refund_rejected,
     }
-    credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused}
+    credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused,
+              "DrawdownCommitted": handlers.drawdown_committed}
     billing = {"RepaymentAllocated": repayments.repayment_allocated,
                "OverpaymentRefunded": repayments.overpayment_refunded}
     return [

@@ -25,6 +25,7 @@ class SagaState(str, Enum):
     RISK_CHECK = "RISK_CHECK"  # waiting for the risk engine's decision
     REVIEW = "REVIEW"          # the risk engine asked for an operator's review
     RESERVING = "RESERVING"  # huabei: waiting for the credit service to reserve the drawdown
+    COMMITTING = "COMMITTING"  # huabei: reserved; waiting for credit to confirm the drawdown (or refuse it)
     FUNDING = "FUNDING"      # waiting for the bank channel to charge the card
     HOLDING = "HOLDING"      # funded; HoldFunds sent, waiting for escrow's answer
     COMPLETED = "COMPLETED"  # held in escrow: PaymentSucceeded published
@@ -32,8 +33,8 @@ class SagaState(str, Enum):
 
     @property
     def in_progress(self) -> bool:
-        return self in (SagaState.NEW, SagaState.RISK_CHECK, SagaState.REVIEW, SagaState.RESERVING, SagaState.FUNDING,
-                        SagaState.HOLDING)
+        return self in (SagaState.NEW, SagaState.RISK_CHECK, SagaState.REVIEW, SagaState.RESERVING,
+                        SagaState.COMMITTING, SagaState.FUNDING, SagaState.HOLDING)
 
 
 class PaymentMethod(StrEnum):
@@ -84,7 +85,7 @@ class Rules:
     withdrawal_min_fee: int = 10
     channel_timeout_seconds: int = 30
     hold_retry_seconds: int = 30  # an unanswered HoldFunds to escrow is re-sent this often
-    credit_reserve_retry_seconds: int = 30  # an unanswered ReserveCredit to credit is re-sent this often
+    credit_reserve_retry_seconds: int = 30  # an unanswered ReserveCredit (or CommitCredit) is re-sent this often
     risk_enabled: bool = True
     risk_timeout_seconds: int = 5         # no decision by then: the fallback decides
     risk_fallback_approve_max: int = 100_000  # fallback approves up to 1 000 yuan, rejects above

@@ -14,9 +14,9 @@ import structlog
 from services.gateway import domain, saga, store
 from services.gateway.domain import OrderEventState as EventState, Route, SagaState
 from shared import events, ledger, metrics, outbox, timers, topics
-from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, Envelope, EscrowRefunded,
-                           EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced, RefundRejected,
-                           RefundRequested, RiskDecided)
+from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, DrawdownCommitted, Envelope,
+                           EscrowRefunded, EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced,
+                           RefundRejected, RefundRequested, RiskDecided)
 from shared.ledger import InsufficientFunds
 from shared.runtime import Context
 
@@ -232,7 +232,7 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, row: dict) -> None:
     card = None
     if saga.charges_card(p):
         card = await ctx.deps.bank.authorize(f"charge:{p.order_id}", p.card_token, p.amount)
-    if p.state in (SagaState.RESERVING, SagaState.HOLDING):
+    if p.state in (SagaState.RESERVING, SagaState.COMMITTING, SagaState.HOLDING):
         log.warning("no answer yet; re-sending the command", order_id=p.order_id, saga_state=p.state.value,
                     attempts=p.attempts)
     event = saga.Due(card)
@@ -265,6 +265,10 @@ async def credit_reserved(ctx: Context, conn: asyncpg.Connection, env: Envelope,
 
 
 async def credit_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditRefused) -> None:
+    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
+
+
+async def drawdown_committed(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: DrawdownCommitted) -> None:
     await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
@@ -359,7 +363,8 @@ async def risk_decisions(ctx: Context, conn: asyncpg.Connection, items: Batch) -
 
 async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) -> Batch:
     """Payments escrow now holds whose settlement is posting a wallet reservation (or, for
-    Huabei, confirming the drawdown): PaymentSucceeded, kept events forwarded."""
+    Huabei, nothing: the drawdown was committed before the hold): PaymentSucceeded, kept events
+    forwarded."""
     decided = await _lock_and_decide(ctx, conn, items)
     late = [x for x in decided if x[3].changes_nothing]  # the answer to a re-sent hold, already applied
     fast = [x for x in decided if x[3].payment is not None and x[3].payment.state is SagaState.COMPLETED

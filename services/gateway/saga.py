@@ -10,11 +10,12 @@ bus. Events the payment's state does not expect (late, repeated, or after the en
 nothing: `decide` returns `NOTHING`.
 
 Inputs: the consumed events themselves (`RiskDecided`, `CreditReserved`, `CreditRefused`,
-`FundsHeld`, `HoldRefused`, `EscrowReleased`, `EscrowRefunded`, `ClawbackRequested`), and
-`Placed` (the payment row was just created), `ReviewDecided` (an operator), `Due` (the saga
-worker: the payment's `next_action_at` has come, with the card's answer when `charges_card`),
-`CancelRequested` (an upstream cancel while the payment is in flight), and `Short` (the same
-event again, when its first transfer would have overdrawn a wallet: the applier found that out).
+`DrawdownCommitted`, `FundsHeld`, `HoldRefused`, `EscrowReleased`, `EscrowRefunded`,
+`ClawbackRequested`), and `Placed` (the payment row was just created), `ReviewDecided` (an
+operator), `Due` (the saga worker: the payment's `next_action_at` has come, with the card's answer
+when `charges_card`), `CancelRequested` (an upstream cancel while the payment is in flight), and
+`Short` (the same event again, when its first transfer would have overdrawn a wallet: the applier
+found that out).
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ from services.gateway.domain import (PaymentMethod, PaymentStatus, RiskDecision,
                                      validation_failure)
 from shared import topics
 from shared.events import (CancelCredit, CancelOrder, CardDeclined, ClawbackRequested, ClawbackSettled, CommitCredit,
-                           ConfirmOrder, CreditRefused, CreditReserved, EscrowRefunded, EscrowRefundRejected,
-                           EscrowReleased, FundsHeld, FundsReleased, HoldFunds, HoldRefused, OrderPlaced,
-                           PaymentAbandoned, PaymentFailed, PaymentSucceeded, RefundCompleted, RefundOrder,
-                           RefundRejected, ReserveCredit, RestoreCredit, RiskCheckRequested, RiskDecided, ShipOrder,
-                           Strict)
+                           ConfirmOrder, CreditRefused, CreditReserved, DrawdownCommitted, EscrowRefunded,
+                           EscrowRefundRejected, EscrowReleased, FundsHeld, FundsReleased, HoldFunds, HoldRefused,
+                           OrderPlaced, PaymentAbandoned, PaymentFailed, PaymentSucceeded, RefundCompleted,
+                           RefundOrder, RefundRejected, ReserveCredit, RestoreCredit, RiskCheckRequested, RiskDecided,
+                           ShipOrder, Strict)
 
 
 def refund_account(payment_method: str, buyer_id: str) -> str:
@@ -351,6 +352,8 @@ def _due(p: Payment, e: Due, now: datetime, rules: Rules, short: int | None) -> 
         return Decision(payment=p.but(attempts=p.attempts + 1,
                                       next_action_at=now + timedelta(seconds=rules.credit_reserve_retry_seconds)),
                         emit=(Emit(topics.CREDIT_COMMANDS, p.order_id, _reserve_command(p)),))
+    if state is SagaState.COMMITTING:  # CommitCredit is idempotent too (credit answers it again)
+        return _start_committing(p, now, rules)
     if state is SagaState.HOLDING:  # escrow has not answered: HoldFunds is idempotent, send it again
         return _start_holding(p, now, rules)
     if state is not SagaState.FUNDING:
@@ -384,34 +387,57 @@ def _cancel_requested(p: Payment, e: CancelRequested, now: datetime, rules: Rule
     return Decision(payment=p.but(cancel_requested=True))
 
 
+def _start_committing(p: Payment, now: datetime, rules: Rules) -> Decision:
+    """CommitCredit (confirm) to credit, re-sent at the reservation's pace until answered."""
+    committing = p.but(state=SagaState.COMMITTING, attempts=p.attempts + 1,
+                       next_action_at=now + timedelta(seconds=rules.credit_reserve_retry_seconds))
+    commit = CommitCredit(order_id=p.order_id)
+    return Decision(payment=committing, emit=(Emit(topics.CREDIT_COMMANDS, p.order_id, commit),))
+
+
 def _credit_reserved(p: Payment, e: CreditReserved, now: datetime, rules: Rules, short: int | None) -> Decision:
+    """Confirm the drawdown before any money moves. This answer may come after the reservation
+    expired and its credit went to other orders: credit then checks the line again and may
+    refuse, which is only safe while escrow holds nothing (docs/design.md, Credit)."""
     if p.state is not SagaState.RESERVING:
         return NOTHING  # the answer to a re-sent reservation: already applied
-    lent = Transfer(f"huabei:{p.order_id}", LENDER, ESCROW, p.amount, "huabei_payment")
-    return _start_holding(p, now, rules, ledger=(lent,))
+    if p.cancel_requested:  # escrow will refuse the hold: release the credit now, nothing was drawn
+        cancel = Emit(topics.CREDIT_COMMANDS, p.order_id, CancelCredit(order_id=p.order_id))
+        return _fail(p, "ORDER_CANCELLED", "the order was cancelled before it was paid", rules,
+                     risk_before=p.risk_decision, emit=(cancel,))
+    return _start_committing(p, now, rules)
 
 
 def _credit_refused(p: Payment, e: CreditRefused, now: datetime, rules: Rules, short: int | None) -> Decision:
-    if p.state is not SagaState.RESERVING:
+    """Refused at the reservation, or at the commit of one that had expired: nothing moved yet."""
+    if p.state not in (SagaState.RESERVING, SagaState.COMMITTING):
         return NOTHING
     return _fail(p, e.reason_code, e.message, rules, risk_before=p.risk_decision)
+
+
+def _drawdown_committed(p: Payment, e: DrawdownCommitted, now: datetime, rules: Rules,
+                        short: int | None) -> Decision:
+    """The buyer owes the lender now: the lender's money goes to escrow."""
+    if p.state is not SagaState.COMMITTING:
+        return NOTHING  # the answer to a re-sent commit: already applied
+    lent = Transfer(f"huabei:{p.order_id}", LENDER, ESCROW, p.amount, "huabei_payment")
+    return _start_holding(p, now, rules, ledger=(lent,))
 
 
 def _funds_held(p: Payment, e: FundsHeld, now: datetime, rules: Rules, short: int | None) -> Decision:
     if p.state is not SagaState.HOLDING:
         return NOTHING  # the answer to a re-sent hold: already applied
-    o, ledger, bank, emit = p.order_id, (), (), ()
+    o, ledger, bank = p.order_id, (), ()
     if p.payment_method == PaymentMethod.BALANCE:
         ledger = (Resolve(f"payment-post:{o}", f"payment:{o}", post=True),)
     elif p.payment_method == PaymentMethod.BANK_CARD:
         bank = (Bank("capture", f"charge:{o}", p.amount),)
         ledger = (Transfer(f"charge:{o}", BANK, ESCROW, p.amount, "card_payment"),)
-    else:  # huabei: confirm the drawdown
-        emit = (Emit(topics.CREDIT_COMMANDS, o, CommitCredit(order_id=o)),)
+    # huabei: nothing left to settle, the drawdown was committed before the hold
     succeeded = PaymentSucceeded(order_id=o, payment_id=p.payment_id, buyer_id=p.buyer_id, seller_id=p.seller_id,
                                  amount=p.amount, payment_method=p.payment_method, installments=p.installments)
     return Decision(payment=p.but(state=SagaState.COMPLETED, status=PaymentStatus.HELD, next_action_at=None),
-                    ledger=ledger, bank=bank, emit=emit + (_payment_event(p, succeeded),), kept=Kept(None))
+                    ledger=ledger, bank=bank, emit=(_payment_event(p, succeeded),), kept=Kept(None))
 
 
 def _hold_refused(p: Payment, e: HoldRefused, now: datetime, rules: Rules, short: int | None) -> Decision:
@@ -421,7 +447,7 @@ def _hold_refused(p: Payment, e: HoldRefused, now: datetime, rules: Rules, short
     o, ledger, bank, emit = p.order_id, (), (), ()
     if p.payment_method == PaymentMethod.BALANCE:
         ledger = (Resolve(f"payment-void:{o}", f"payment:{o}", post=False),)
-    elif p.payment_method == PaymentMethod.HUABEI:
+    elif p.payment_method == PaymentMethod.HUABEI:  # the lender's money back; credit reverses the drawdown
         ledger = (Transfer(f"huabei-return:{o}", ESCROW, LENDER, p.amount, "huabei_cancel"),)
         emit = (Emit(topics.CREDIT_COMMANDS, o, CancelCredit(order_id=o)),)
     else:  # bank_card: authorized, never captured
@@ -523,6 +549,7 @@ _RULES = {
     CancelRequested: _cancel_requested,
     CreditReserved: _credit_reserved,
     CreditRefused: _credit_refused,
+    DrawdownCommitted: _drawdown_committed,
     FundsHeld: _funds_held,
     HoldRefused: _hold_refused,
     EscrowReleased: _escrow_released,

@@ -99,7 +99,8 @@ async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list
                                [(c["order_id"], now, *[c[k] for k in columns]) for c in rows])
 
 
-_DUE = "saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'FUNDING', 'HOLDING') AND next_action_at <= $1"
+_DUE = ("saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'COMMITTING', 'FUNDING', 'HOLDING') "
+        "AND next_action_at <= $1")
 
 
 async def due_saga_ids(conn: asyncpg.Connection, now: datetime, limit: int) -> list[str]:

@@ -3,6 +3,7 @@ line following refunds, freezing, and restarts — with the audit after each."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 
@@ -183,3 +184,59 @@ async def test_huabei_events_delivered_twice_draw_down_once(shop):
     await eventually(lambda: _used(shop, buyer, 3_000))
     assert (await shop.huabei(buyer))["available"] == limit - 3_000
     await shop.audit()
+
+
+async def test_a_reservation_answer_after_expiry_never_takes_the_line_over_its_limit(shop, services, kafka):
+    """Issue 12: the answer to a reservation reaches the gateway after the reservation expired
+    (HUABEI_RESERVATION_TTL_SECONDS, 1 800 s) and its credit went to another order of the buyer.
+    The drawdown is committed before escrow holds anything, so credit can still refuse it: the
+    order fails CREDIT_LIMIT_EXCEEDED, once, no money moved, and the line stays within its limit."""
+    buyer, seller = await shop.user(), await shop.user()
+    limit = (await shop.activate(buyer))["credit_limit"]
+    await shop.advance_clock(86_401)  # no longer a new buyer: large amounts skip the risk review
+    amount = limit * 6 // 10  # two such orders do not fit in the line
+    since = await kafka.end_offsets("credit.commands")
+    credit, gateway = services["credit"], services["gateway"]
+    try:
+        credit.kill()  # the reservation waits in credit.commands ...
+        order = await shop.place(buyer, seller, amount, method="huabei")
+        sent = await kafka.read("credit.commands", since, lambda records: _command(records, "ReserveCredit", order))
+        assert _command(sent, "ReserveCredit", order)
+        gateway.kill()  # ... and its answer in credit.events, until the gateway comes back
+        await credit.restart()
+        await eventually(lambda: _line(shop, buyer, used=0, reserved=amount))
+        moved = await shop.api("credit").post("/admin/clock", json={"advance_seconds": 1801})
+        assert moved.status_code == 200
+        await eventually(lambda: _line(shop, buyer, used=0, reserved=0))  # expired: the credit is free again
+        # Another order of the buyer (from a second gateway instance) takes it meanwhile.
+        other = new_id("o")
+        await kafka.send("credit.commands", envelope("ReserveCredit", {
+            "order_id": other, "user_id": buyer, "amount": amount, "installments": 1}), key=other)
+        await eventually(lambda: _line(shop, buyer, used=0, reserved=amount))
+    finally:
+        for service in (credit, gateway):
+            if service.proc.poll() is not None:
+                await service.restart()
+    # The late CreditReserved: its commit is refused, the order fails once, with nothing to give back.
+    (failed,) = await shop.events(order, 1, timeout=60, settle=3)
+    assert (failed["type"], failed["data"].get("reason_code")) == ("PaymentFailed", "CREDIT_LIMIT_EXCEEDED")
+    assert (await shop.payment(order))["status"] == "FAILED"
+    assert (await shop.api("escrow").get(f"/v1/escrows/{order}")).status_code == 404  # nothing was ever held
+    line = await shop.huabei(buyer)
+    assert line["used"] + line["reserved"] <= line["credit_limit"] == limit
+    assert (line["used"], line["reserved"]) == (0, amount)
+    assert await shop.wallet(buyer) == 0
+    # The other order's saga compensates: the whole line is free again, and every ledger agrees.
+    await kafka.send("credit.commands", envelope("CancelCredit", {"order_id": other}), key=other)
+    await eventually(lambda: _line(shop, buyer, used=0, reserved=0))
+    await shop.audit()
+
+
+def _command(records, type_: str, order_id: str) -> bool:
+    return any(json.loads(r.value)["type"] == type_ and json.loads(r.value)["data"]["order_id"] == order_id
+               for r in records)
+
+
+async def _line(shop, user, *, used: int, reserved: int) -> bool:
+    line = await shop.huabei(user)
+    return (line["used"], line["reserved"]) == (used, reserved)

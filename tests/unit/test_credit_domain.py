@@ -100,9 +100,10 @@ def test_limit_review():
 # ---------------------------------------------------------------- drawdowns: try / confirm / cancel
 from datetime import datetime, timedelta, timezone  # noqa: E402
 
-from services.credit.domain import (CREDIT_NOTHING, ReservationState as RS, on_cancel, on_commit,  # noqa: E402
-                                    on_expire, on_reserve, on_restore)
-from shared.events import ReserveCredit, RestoreCredit  # noqa: E402
+from services.credit.domain import (CREDIT_NOTHING, ReservationState as RS, new_reservation, on_cancel,  # noqa: E402
+                                    on_commit, on_expire, on_reserve, on_restore)
+from shared.events import (CreditRefused, DrawdownCommitted, DrawdownRefunded, ReserveCredit,  # noqa: E402
+                           RestoreCredit)
 
 NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
 RESERVE = ReserveCredit(order_id="o-1", user_id="u", amount=600, installments=1)
@@ -124,18 +125,76 @@ def test_reserve_takes_credit_or_refuses_and_answers_a_repeat_the_same():
 
 def test_commit_cancel_and_expiry_move_the_line_once():
     r = on_reserve(None, Line(1000, 0, 0, False), RESERVE, NOW, 1800).reservation
-    commit = on_commit(r, NOW)
+    commit = on_commit(r, None, NOW)
     assert (commit.reserved, commit.used, commit.reservation.state) == (-600, 600, RS.COMMITTED)
     assert commit.transfers[0].debit == "loan:u" and commit.transfers[0].credit == "gateway"
-    assert on_commit(commit.reservation, NOW) is CREDIT_NOTHING and on_cancel(commit.reservation) is CREDIT_NOTHING
-    cancel = on_cancel(r)
-    assert (cancel.reserved, cancel.used, cancel.reservation.state) == (-600, 0, RS.CANCELLED)
-    assert on_commit(cancel.reservation, NOW) is CREDIT_NOTHING
+    assert commit.emit == (DrawdownCommitted(order_id="o-1", user_id="u", amount=600, installments=1,
+                                             committed_at=NOW),)
+    cancel = on_cancel(r, NOW)
+    assert (cancel.reserved, cancel.used, cancel.reservation.state, cancel.emit) == (-600, 0, RS.CANCELLED, ())
+    assert on_commit(cancel.reservation, None, NOW) is CREDIT_NOTHING
+    assert on_cancel(cancel.reservation, NOW) is CREDIT_NOTHING
     assert on_expire(r, NOW + timedelta(seconds=1799)) is CREDIT_NOTHING
     expired = on_expire(r, NOW + timedelta(seconds=1800))
     assert (expired.reserved, expired.reservation.state) == (-600, RS.EXPIRED)
-    late = on_commit(expired.reservation, NOW)  # the money is in escrow: the drawdown stands
-    assert (late.reserved, late.used) == (0, 600)
+    assert on_cancel(expired.reservation, NOW) is CREDIT_NOTHING
+
+
+def test_a_repeated_commit_is_answered_again_and_changes_nothing():
+    r = on_reserve(None, Line(1000, 0, 0, False), RESERVE, NOW, 1800).reservation
+    committed = on_commit(r, None, NOW).reservation
+    again = on_commit(committed, Line(1000, 1000, 0, False), NOW + timedelta(hours=1))
+    assert again.reservation is None and (again.reserved, again.used, again.transfers) == (0, 0, ())
+    assert again.emit == on_commit(r, None, NOW).emit  # the same DrawdownCommitted, committed_at included
+
+
+def test_the_commit_of_an_expired_reservation_stands_only_while_the_line_has_room():
+    r = on_reserve(None, Line(1000, 0, 0, False), RESERVE, NOW, 1800).reservation
+    expired = on_expire(r, NOW + timedelta(seconds=1800)).reservation
+    later = NOW + timedelta(hours=1)
+    room = on_commit(expired, Line(1000, 0, 400, False), later)  # 600 still fits next to another 400
+    assert (room.reserved, room.used, room.reservation.state) == (0, 600, RS.COMMITTED)
+    assert room.emit[0].committed_at == later
+    # The credit it gave back went to another order meanwhile: committing would overdraw the line.
+    taken = on_commit(expired, Line(1000, 0, 600, False), later)
+    assert (taken.reserved, taken.used, taken.transfers) == (0, 0, ())
+    assert (taken.reservation.state, taken.reservation.reason_code) == (RS.REFUSED, "CREDIT_LIMIT_EXCEEDED")
+    assert taken.emit == (CreditRefused(order_id="o-1", user_id="u", reason_code="CREDIT_LIMIT_EXCEEDED",
+                                        message=taken.reservation.message),)
+    assert taken.reservation.message.startswith("the reservation expired before the payment was confirmed")
+    assert on_commit(taken.reservation, Line(1000, 0, 0, False), later).emit == taken.emit  # asked again
+    assert on_commit(expired, Line(1000, 0, 0, True), later).emit[0].reason_code == "HUABEI_FROZEN"
+    assert on_commit(expired, None, later).emit[0].reason_code == "HUABEI_NOT_ACTIVE"
+
+
+@given(st.integers(1, 5000), st.integers(-2000, 5000), st.integers(0, 5000), st.integers(1, 5000), st.booleans())
+def test_a_commit_never_takes_a_line_over_its_limit(limit, used, reserved, amount, expired):
+    """Whatever the line holds when the commit comes, it stays within its limit (if it was)."""
+    line = Line(limit, used, reserved + (0 if expired else amount), False)
+    if line.used + line.reserved > limit:
+        return
+    cmd = RESERVE.model_copy(update={"amount": amount})
+    r = new_reservation(cmd, NOW, 1800, None).reservation
+    if expired:
+        r = on_expire(r, NOW + timedelta(seconds=1800)).reservation
+    d = on_commit(r, line, NOW + timedelta(hours=1))
+    assert line.used + d.used + line.reserved + d.reserved <= limit
+    assert d.reservation.state in (RS.COMMITTED, RS.REFUSED) and (d.used > 0) == (d.reservation.state is RS.COMMITTED)
+
+
+def test_cancelling_a_committed_drawdown_reverses_it_for_billing():
+    """Escrow refused the hold that came after the commit: the loan and the line go back."""
+    r = on_reserve(None, Line(1000, 0, 0, False), RESERVE, NOW, 1800).reservation
+    committed = on_commit(r, None, NOW).reservation
+    later = NOW + timedelta(minutes=1)
+    d = on_cancel(committed, later)
+    assert (d.reserved, d.used, d.reservation.state) == (0, -600, RS.CANCELLED)
+    (t,) = d.transfers
+    assert (t.id, t.debit, t.credit, t.amount) == ("drawdown-void:o-1", "gateway", "loan:u", 600)
+    assert d.emit == (DrawdownRefunded(order_id="o-1", user_id="u", amount=600, refund_key="hold_refused",
+                                       refunded_at=later),)
+    assert on_cancel(d.reservation, later) is CREDIT_NOTHING  # once
+    assert on_commit(d.reservation, None, later) is CREDIT_NOTHING  # a late re-sent commit changes nothing
 
 
 def test_restore_gives_the_principal_back_once():

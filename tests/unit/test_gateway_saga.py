@@ -11,8 +11,8 @@ from services.gateway.domain import PaymentStatus, Rules, SagaState
 from services.gateway.saga import (NOTHING, Bank, CancelRequested, Due, Kept, Payment, Placed, Resolve, ReviewDecided,
                                    Short, Transfer, changes, charges_card, decide, kept_outcomes)
 from shared import topics
-from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, EscrowRefunded, EscrowReleased, FundsHeld,
-                           HoldRefused, RiskDecided)
+from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, DrawdownCommitted, EscrowRefunded,
+                           EscrowReleased, FundsHeld, HoldRefused, RiskDecided)
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 RULES = Rules()
@@ -43,12 +43,13 @@ SAGA_EVENTS = {
     "cancel": CancelRequested(),
     "credit_reserved": CreditReserved(order_id="o-1", user_id="b", amount=1000),
     "credit_refused": CreditRefused(order_id="o-1", user_id="b", reason_code="CREDIT_LIMIT_EXCEEDED", message="no"),
+    "drawdown_committed": DrawdownCommitted(order_id="o-1", user_id="b", amount=1000, installments=1, committed_at=T0),
     "held": FundsHeld(order_id="o-1", payment_id="pay_o-1", amount=1000),
     "hold_refused": HoldRefused(order_id="o-1", payment_id="pay_o-1", reason_code="ORDER_CANCELLED", message="gone"),
 }
 
 # (state, event) -> the state after it; absent: the event changes nothing in that state.
-# The method is the one each state belongs to (RESERVING: huabei, FUNDING: bank_card, else balance).
+# The method is the one each state belongs to (RESERVING, COMMITTING: huabei, FUNDING: bank_card, else balance).
 MOVES = {
     (S.NEW, "placed"): S.RISK_CHECK,
     (S.RISK_CHECK, "approve"): S.HOLDING, (S.RISK_CHECK, "reject"): S.FAILED, (S.RISK_CHECK, "review"): S.REVIEW,
@@ -56,23 +57,26 @@ MOVES = {
     (S.RISK_CHECK, "due_card_declined"): S.HOLDING,  # the fallback approves 1 000 fen; no card is asked
     (S.REVIEW, "operator_approves"): S.HOLDING, (S.REVIEW, "operator_rejects"): S.FAILED,
     (S.REVIEW, "due"): S.FAILED, (S.REVIEW, "due_card_approved"): S.FAILED, (S.REVIEW, "due_card_declined"): S.FAILED,
-    (S.RESERVING, "credit_reserved"): S.HOLDING, (S.RESERVING, "credit_refused"): S.FAILED,
+    (S.RESERVING, "credit_reserved"): S.COMMITTING, (S.RESERVING, "credit_refused"): S.FAILED,
     (S.RESERVING, "due"): S.RESERVING, (S.RESERVING, "due_card_approved"): S.RESERVING,
     (S.RESERVING, "due_card_declined"): S.RESERVING,
+    (S.COMMITTING, "drawdown_committed"): S.HOLDING, (S.COMMITTING, "credit_refused"): S.FAILED,
+    (S.COMMITTING, "due"): S.COMMITTING, (S.COMMITTING, "due_card_approved"): S.COMMITTING,
+    (S.COMMITTING, "due_card_declined"): S.COMMITTING,
     (S.FUNDING, "due"): S.FUNDING, (S.FUNDING, "due_card_approved"): S.HOLDING,
     (S.FUNDING, "due_card_declined"): S.FAILED,
     (S.HOLDING, "held"): S.COMPLETED, (S.HOLDING, "hold_refused"): S.FAILED,
     (S.HOLDING, "due"): S.HOLDING, (S.HOLDING, "due_card_approved"): S.HOLDING,
     (S.HOLDING, "due_card_declined"): S.HOLDING,
 }
-for _state in (S.NEW, S.RISK_CHECK, S.REVIEW, S.RESERVING, S.FUNDING, S.HOLDING):
+for _state in (S.NEW, S.RISK_CHECK, S.REVIEW, S.RESERVING, S.COMMITTING, S.FUNDING, S.HOLDING):
     MOVES[(_state, "cancel")] = _state  # only marks the payment
 
 
 @pytest.mark.parametrize("state", list(SagaState))
 @pytest.mark.parametrize("name", list(SAGA_EVENTS))
 def test_every_state_and_event(state, name):
-    method = {S.RESERVING: "huabei", S.FUNDING: "bank_card"}.get(state, "balance")
+    method = {S.RESERVING: "huabei", S.COMMITTING: "huabei", S.FUNDING: "bank_card"}.get(state, "balance")
     timer = T0 if state.in_progress and state is not S.NEW else None
     p = pay(state, method=method, next_action_at=timer, deadline_at=T0 + timedelta(seconds=30))
     d = decide(p, SAGA_EVENTS[name], T0, RULES)
@@ -175,7 +179,7 @@ def test_a_cancel_in_flight_stops_a_card_charge():
     ("balance", (Resolve("payment-post:o-1", "payment:o-1", True),), (), ["PaymentSucceeded"]),
     ("bank_card", (Transfer("charge:o-1", "bank", "escrow", 1000, "card_payment"),),
      (Bank("capture", "charge:o-1", 1000),), ["PaymentSucceeded"]),
-    ("huabei", (), (), ["CommitCredit", "PaymentSucceeded"]),
+    ("huabei", (), (), ["PaymentSucceeded"]),  # the drawdown was committed before the hold
 ])
 def test_held_settles_the_funding_by_method(method, ledger, bank, emitted):
     d = decide(pay(S.HOLDING, method=method), SAGA_EVENTS["held"], T0, RULES)
@@ -194,19 +198,52 @@ def test_hold_refused_compensates_by_method(method, ledger, bank, emitted):
     assert kinds(d) == emitted + ["PaymentFailed", "PaymentAbandoned"] and d.kept == Kept("ORDER_CANCELLED")
 
 
-def test_credit_reserved_books_the_loan_and_holds():
+def test_huabei_commits_the_drawdown_before_any_money_moves():
     d = decide(pay(S.RESERVING, method="huabei"), SAGA_EVENTS["credit_reserved"], T0, RULES)
-    assert d.ledger == (Transfer("huabei:o-1", "lender", "escrow", 1000, "huabei_payment"),)
-    assert kinds(d) == ["HoldFunds"]
+    assert d.payment.state is S.COMMITTING and not d.ledger and kinds(d) == ["CommitCredit"]
+    assert d.emit[0].topic == topics.CREDIT_COMMANDS and d.emit[0].key == "o-1"
+    assert d.payment.next_action_at == T0 + timedelta(seconds=RULES.credit_reserve_retry_seconds)
+    later = T0 + timedelta(seconds=RULES.credit_reserve_retry_seconds)
+    again = decide(d.payment, Due(), later, RULES)  # no answer yet: the idempotent command again
+    assert again.payment.state is S.COMMITTING and kinds(again) == ["CommitCredit"] and not again.ledger
+    assert again.payment.next_action_at == later + timedelta(seconds=RULES.credit_reserve_retry_seconds)
+    held = decide(d.payment, SAGA_EVENTS["drawdown_committed"], T0, RULES)
+    assert held.ledger == (Transfer("huabei:o-1", "lender", "escrow", 1000, "huabei_payment"),)
+    assert held.payment.state is S.HOLDING and kinds(held) == ["HoldFunds"]
+    assert decide(held.payment, SAGA_EVENTS["drawdown_committed"], T0, RULES) is NOTHING  # answer to a re-send
 
 
-def test_credit_reservations_and_holds_are_re_sent_each_at_its_own_pace():
+def test_a_commit_refused_after_the_reservation_expired_fails_with_nothing_to_compensate():
+    """Credit refuses the commit of a reservation that expired while the line went to other
+    orders: no money moved yet, so the payment just fails with credit's reason."""
+    p = decide(pay(S.RESERVING, method="huabei", risk_decision="approve"), SAGA_EVENTS["credit_reserved"], T0,
+               RULES).payment
+    refused = CreditRefused(order_id="o-1", user_id="b", reason_code="CREDIT_LIMIT_EXCEEDED",
+                            message="the reservation expired before the payment was confirmed; ...")
+    d = decide(p, refused, T0 + timedelta(hours=1), RULES)
+    assert (d.payment.state, d.payment.reason_code, d.payment.message) == (S.FAILED, "CREDIT_LIMIT_EXCEEDED",
+                                                                           refused.message)
+    assert not d.ledger and not d.bank and kinds(d) == ["PaymentFailed", "PaymentAbandoned"]
+    assert d.kept == Kept("CREDIT_LIMIT_EXCEEDED")
+
+
+def test_a_cancel_before_the_reservation_answer_releases_the_credit_without_a_drawdown():
+    p = decide(pay(S.RESERVING, method="huabei"), CancelRequested(), T0, RULES).payment
+    d = decide(p, SAGA_EVENTS["credit_reserved"], T0, RULES)
+    assert (d.payment.state, d.payment.reason_code) == (S.FAILED, "ORDER_CANCELLED")
+    assert not d.ledger and kinds(d)[:2] == ["CancelCredit", "PaymentFailed"] and d.kept == Kept("ORDER_CANCELLED")
+
+
+def test_credit_commands_and_holds_are_re_sent_each_at_its_own_pace():
     rules = replace(RULES, hold_retry_seconds=30, credit_reserve_retry_seconds=7)
     reserving = decide(pay(S.RISK_CHECK, method="huabei"), SAGA_EVENTS["approve"], T0, rules).payment
     assert reserving.state is S.RESERVING and reserving.next_action_at == T0 + timedelta(seconds=7)
     again = decide(reserving, Due(), T0, rules)
     assert kinds(again) == ["ReserveCredit"] and again.payment.next_action_at == T0 + timedelta(seconds=7)
-    holding = decide(reserving, SAGA_EVENTS["credit_reserved"], T0, rules).payment
+    committing = decide(reserving, SAGA_EVENTS["credit_reserved"], T0, rules).payment
+    assert committing.state is S.COMMITTING and committing.next_action_at == T0 + timedelta(seconds=7)
+    assert decide(committing, Due(), T0, rules).payment.next_action_at == T0 + timedelta(seconds=7)
+    holding = decide(committing, SAGA_EVENTS["drawdown_committed"], T0, rules).payment
     assert holding.state is S.HOLDING and holding.next_action_at == T0 + timedelta(seconds=30)
     assert decide(holding, Due(), T0, rules).payment.next_action_at == T0 + timedelta(seconds=30)
 

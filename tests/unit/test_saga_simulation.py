@@ -256,7 +256,7 @@ class Gateway(Node):
                 self.emit(e.topic, e.key, e.data, msg.event_id)
         elif isinstance(data, saga.EVENT_TYPES):
             self.decide(data.order_id, data, msg.event_id)
-        # else: DrawdownCommitted / DrawdownRefunded are billing's; the gateway ignores them
+        # else: DrawdownRefunded is billing's; the gateway ignores it
 
     def order_placed(self, msg: Message, order: OrderPlaced) -> None:
         now = self.sim.now
@@ -401,7 +401,7 @@ class Credit(Node):
         self.reservations: dict[str, credit.Reservation] = {}
         self.restorations: set[tuple[str, str]] = set()
         self.ledger = Ledger("credit")
-        self.late_commits: dict[str, int] = defaultdict(int)
+        self.late_commits: dict[str, int] = defaultdict(int)  # commits of expired reservations: "committed"/"refused"
 
     def apply(self, user_id: str, d: credit.CreditDecision, cause: str | None) -> None:
         """services/credit/handlers.py `_apply`."""
@@ -423,13 +423,15 @@ class Credit(Node):
                        msg.event_id)
         elif isinstance(c, CommitCredit):
             if r is not None:
-                if r.state is credit.ReservationState.EXPIRED:  # see check_step: the one way over the limit
-                    self.late_commits[r.user_id] += r.amount
-                    self.sim.log(f"  credit: late commit of the expired reservation of {r.order_id}")
-                self.apply(r.user_id, credit.on_commit(r, now), msg.event_id)
+                d = credit.on_commit(r, self.lines.get(r.user_id), now)
+                if r.state is credit.ReservationState.EXPIRED:  # the line may have gone to other orders
+                    outcome = d.reservation.state.value
+                    self.late_commits[outcome] += 1
+                    self.sim.log(f"  credit: commit of the expired reservation of {r.order_id}: {outcome}")
+                self.apply(r.user_id, d, msg.event_id)
         elif isinstance(c, CancelCredit):
             if r is not None:
-                self.apply(r.user_id, credit.on_cancel(r), msg.event_id)
+                self.apply(r.user_id, credit.on_cancel(r, now), msg.event_id)
         else:
             assert isinstance(c, RestoreCredit)
             first = (c.order_id, c.refund_key) not in self.restorations
@@ -733,11 +735,7 @@ class Sim:
             check(line.used == -c.ledger.balance[credit.loan_account(user)],
                   f"{user}: line uses {line.used}, loan {-c.ledger.balance[credit.loan_account(user)]}")
             check(line.used >= 0 and line.reserved >= 0, f"{user}: credit line below zero: {line}")
-            # Known hole (docs/design.md, Credit): a reservation that expired before its saga
-            # committed is still committed (the money is in escrow), and the credit it had freed
-            # may have been reserved again meanwhile. Only such late commits may go over the limit.
-            check(line.used + line.reserved <= line.credit_limit + c.late_commits[user],
-                  f"{user}: credit line over its limit: {line}")
+            check(line.used + line.reserved <= line.credit_limit, f"{user}: credit line over its limit: {line}")
 
     def check_end(self) -> None:
         g, e, c = self.gateway, self.escrow, self.credit
@@ -823,13 +821,17 @@ def test_saga_protocol_under_faults():
         for (_, refund_id), outcomes in sim.refund_outcomes.items():
             totals[f"{'refund' if refund_id else 'cancel'} {outcomes[0]}"] += 1
         totals["parked, then released"] += sim.gateway.released_parked
-        totals["late commits over the limit"] += any(
-            line.used + line.reserved > line.credit_limit for line in sim.credit.lines.values())
+        for outcome, count in sim.credit.late_commits.items():
+            totals[f"late commit {outcome}"] += count
+        totals["drawdown reversed (hold refused)"] += sum(
+            r.state is credit.ReservationState.CANCELLED and r.committed_at is not None
+            for r in sim.credit.reservations.values())
     print(f"\n{len(seeds())} histories: {dict(totals)}")
     # The histories reach the interesting places (a guard against a simulation that tests nothing).
     if REPLAY_SEED is None and HISTORIES >= 100:
         for outcome in ("COMPLETED", "INSUFFICIENT_BALANCE", "CARD_DECLINED", "CHANNEL_TIMEOUT",
-                        "CREDIT_LIMIT_EXCEEDED", "RISK_REJECTED", "ORDER_CANCELLED", "UNKNOWN_BUYER"):
+                        "CREDIT_LIMIT_EXCEEDED", "RISK_REJECTED", "ORDER_CANCELLED", "UNKNOWN_BUYER",
+                        "late commit committed", "drawdown reversed (hold refused)"):
             assert totals[outcome] > 0, f"no history ended {outcome}: {dict(totals)}"
 
 
@@ -861,3 +863,19 @@ def test_a_broken_rule_is_caught_and_reported_with_its_replay(event, mutant, fou
     report = str(failure.value)
     assert report.startswith("simulation seed ") and "replay: DANBAO_SIM_SEED=" in report
     assert any(f in report for f in found), report.splitlines()[0]
+
+
+def test_a_late_commit_over_the_limit_is_caught():
+    """Issue 12: the histories reach commits of reservations that expired while their credit went
+    to other orders (credit refuses them), and the rule before the fix — commit whatever the line
+    holds — is caught there: the line goes over its limit."""
+    start = BASE_SEED * 100_000
+    seed = next(s for s in range(start, start + 3000) if run_history(s).credit.late_commits.get("refused"))
+    original = credit.on_commit
+    credit.on_commit = lambda r, line, now: original(r, credit.Line(10**12, 0, 0, False), now)  # the line ignored
+    try:
+        with pytest.raises(Violation, match="over its limit") as failure:
+            run_history(seed)
+    finally:
+        credit.on_commit = original
+    assert f"replay: DANBAO_SIM_SEED={seed}" in str(failure.value)
