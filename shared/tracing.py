@@ -22,6 +22,10 @@ How the context travels (docs/design.md, "Tracing"):
   record's traceparent (a new trace without one); for a run applied as a set, one span with a
   link to each record's context (a record without one gets a `receive <topic>` root span, so
   every order still has its own trace).
+- Timers: the gateway keeps each payment's context (its OrderPlaced record's, as its outbox rows
+  would get it) in `payments.traceparent`; the saga worker runs each step for the payment in a
+  `saga step` span, child of that context (`resuming`), so the card charge, the re-sent
+  commands and the timeouts it emits stay in the order's trace.
 - Logs: the consumer binds `trace_id` / `span_id` next to `correlation_id` per record; HTTP
   requests bind `correlation_id` (X-Correlation-ID, else the path's first *_id) and `trace_id`.
 
@@ -312,6 +316,33 @@ def end_all(spans: list, error: BaseException | None = None) -> None:
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, repr(error)))
         span.end()
+
+
+# ---------------------------------------------------------------- timers: work resumed later
+def traceparent_for(event_id: str, correlation_id: str | None) -> str | None:
+    """The traceparent to keep with state created now by record `event_id` (the payment row of
+    an OrderPlaced), so that steps a timer drives later resume its trace: the context its
+    outbox rows get (outbox_headers). None without one. Call with tracing on only."""
+    for key, value in outbox_headers({"causation_id": event_id, "correlation_id": correlation_id}):
+        if key == "traceparent":
+            return value.decode("latin-1")
+    return None
+
+
+@contextlib.contextmanager
+def resuming(traceparent: str | None, name: str, attributes: Mapping[str, Any]) -> Iterator[dict[str, str]]:
+    """A span `name`, current while a timer works on something whose trace context was kept as
+    `traceparent` (e.g. the saga worker on a payment), child of that context, so that what it
+    emits stays in that trace. Nothing without a valid kept context (the work was not traced,
+    or predates tracing): a timer's scans do not start traces of their own. Yields the ids to
+    bind to the logs."""
+    parent = extract((("traceparent", traceparent.encode("latin-1")),)) if traceparent else None
+    if parent is None:
+        yield {}
+        return
+    with _tracer.start_as_current_span(name, context=_parent(parent), kind=SpanKind.INTERNAL,
+                                       attributes=dict(attributes)) as span:
+        yield log_ids(span.get_span_context())
 
 
 # ---------------------------------------------------------------- consumers

@@ -13,7 +13,7 @@ import structlog
 
 from services.gateway import domain, saga, store
 from services.gateway.domain import OrderEventState as EventState, Route, SagaState
-from shared import events, ledger, metrics, outbox, timers, topics
+from shared import events, ledger, metrics, outbox, timers, topics, tracing
 from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, DrawdownCommitted, Envelope,
                            EscrowRefunded, EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced,
                            RefundRejected, RefundRequested, RiskDecided)
@@ -199,7 +199,9 @@ async def _decide(ctx: Context, conn: asyncpg.Connection, order_id: str, event, 
 async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, order: OrderPlaced) -> None:
     now = ctx.clock.now()
     p = saga.Payment.new(order, env.event_id, now)
-    if not await store.insert_payment(conn, env.event_id, order, p.payment_id, now):
+    # Tracing on: the order's context stays with the payment, for the steps the saga worker drives.
+    traceparent = tracing.traceparent_for(env.event_id, order.order_id) if tracing.ENABLED else None
+    if not await store.insert_payment(conn, env.event_id, order, p.payment_id, now, traceparent):
         await _emit(ctx, conn, saga.duplicate_order(order).emit, cause=env.event_id, now=now)
         return
     known = await store.registered_at(conn, order.buyer_id, order.seller_id)
@@ -305,7 +307,9 @@ async def orders_placed(ctx: Context, conn: asyncpg.Connection, items: Batch) ->
         return items
     await store.record_order_events(
         conn, [(env.event_id, o.order_id, env.type, o.model_dump(mode="json"), "applied") for env, o, _ in fast], now)
-    inserted = await store.insert_payments(conn, [d.payment for _, _, d in fast], now)
+    traceparents = [tracing.traceparent_for(env.event_id, o.order_id) for env, o, _ in fast] \
+        if tracing.ENABLED else None  # each order's own context (shared/tracing.py set_run)
+    inserted = await store.insert_payments(conn, [d.payment for _, _, d in fast], now, traceparents)
     await outbox.add_many(conn, [(e.topic, e.key, _envelope(ctx, e, env.event_id, now))
                                  for env, o, d in fast if o.order_id in inserted for e in d.emit])
     await release_parked(ctx, conn, sorted(inserted))
@@ -407,17 +411,37 @@ async def run_due_sagas(ctx: Context, batch: int) -> int:
                     payment = await store.lock_due_saga(conn, order_id, ctx.clock.now())
                     if payment is None:  # another gateway has it, or the consumer moved it on
                         continue
-                    try:
-                        async with conn.transaction():  # savepoint: a failed step leaves no trace
-                            await saga_step(ctx, conn, payment)
-                    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
-                        raise
-                    except asyncpg.exceptions.LockNotAvailableError:
-                        log.info("saga step waits for a lock the consumer holds; retrying in a second")
-                        await store.update_payment(conn, order_id, ctx.clock.now(),
-                                                   next_action_at=ctx.clock.now() + timedelta(seconds=1))
-                    except Exception:
-                        log.exception("saga step failed; retrying later")
-                        await store.update_payment(conn, order_id, ctx.clock.now(),
-                                                   next_action_at=ctx.clock.now() + timedelta(seconds=5))
+                    # Tracing on: the step resumes the order's trace (kept on the payment), so the
+                    # events it emits (a card charged, a command re-sent, a timeout) stay in it.
+                    if not tracing.ENABLED:
+                        await _step_or_retry(ctx, conn, payment)
+                        continue
+                    with _resumed(payment) as trace_ids, structlog.contextvars.bound_contextvars(**trace_ids):
+                        await _step_or_retry(ctx, conn, payment)
     return len(due)
+
+
+def _resumed(payment: dict):
+    return tracing.resuming(payment.get("traceparent"), "saga step", {
+        "danbao.correlation_id": payment["order_id"], "danbao.saga_state": payment["saga_state"],
+        "danbao.attempts": payment["attempts"]})
+
+
+async def _step_or_retry(ctx: Context, conn: asyncpg.Connection, payment: dict) -> None:
+    """One due step in a savepoint; a step that fails is retried later (connection errors end the scan)."""
+    order_id = payment["order_id"]
+    try:
+        async with conn.transaction():  # savepoint: a failed step leaves no trace
+            await saga_step(ctx, conn, payment)
+    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+        raise
+    except asyncpg.exceptions.LockNotAvailableError:
+        log.info("saga step waits for a lock the consumer holds; retrying in a second")
+        await store.update_payment(conn, order_id, ctx.clock.now(),
+                                   next_action_at=ctx.clock.now() + timedelta(seconds=1))
+    except Exception as exc:
+        if tracing.ENABLED:
+            tracing.failed(exc)
+        log.exception("saga step failed; retrying later")
+        await store.update_payment(conn, order_id, ctx.clock.now(),
+                                   next_action_at=ctx.clock.now() + timedelta(seconds=5))

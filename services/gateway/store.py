@@ -32,16 +32,17 @@ async def registered_at(conn: asyncpg.Connection, *user_ids: str) -> dict[str, d
 
 # ---------------------------------------------------------------- payments
 async def insert_payment(conn: asyncpg.Connection, event_id: str, order: OrderPlaced, payment_id: str,
-                         now: datetime) -> bool:
-    """False when a payment for this order_id already exists."""
+                         now: datetime, traceparent: str | None = None) -> bool:
+    """False when a payment for this order_id already exists. `traceparent`: the order's trace
+    context, kept for the saga worker (tracing on only)."""
     return bool(await conn.fetchval(
         """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency,
                                  payment_method, card_token, installments, auto_confirm_days, status, saga_state,
-                                 accepted_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'PENDING', 'NEW', $12, $12)
+                                 accepted_at, updated_at, traceparent)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'PENDING', 'NEW', $12, $12, $13)
            ON CONFLICT (order_id) DO NOTHING RETURNING true""",
         order.order_id, event_id, payment_id, order.buyer_id, order.seller_id, order.amount, order.currency,
-        order.payment_method, order.card_token, order.installments, order.auto_confirm_days, now))
+        order.payment_method, order.card_token, order.installments, order.auto_confirm_days, now, traceparent))
 
 
 async def get_payment(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> dict | None:
@@ -69,20 +70,30 @@ async def lock_payments(conn: asyncpg.Connection, order_ids: list[str]) -> dict[
     return {r["order_id"]: dict(r) for r in rows}
 
 
-async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetime) -> set[str]:
+_INSERT_PAYMENTS = """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount,
+                                             currency, payment_method, card_token, installments, auto_confirm_days,
+                                             status, saga_state, accepted_at, updated_at, next_action_at,
+                                             deadline_at{traced})
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17{param})
+                       ON CONFLICT (order_id) DO NOTHING RETURNING order_id"""
+_INSERT_UNTRACED = _INSERT_PAYMENTS.format(traced="", param="")
+_INSERT_TRACED = _INSERT_PAYMENTS.format(traced=", traceparent", param=", $18")
+
+
+async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetime,
+                          traceparents: list[str | None] | None = None) -> set[str]:
     """`insert_payment` for many new payments (services.gateway.saga.Payment) straight into the
     state the saga decided for them (its state, status and timers); returns the order ids
-    inserted (the others already had a payment)."""
-    rows = await conn.fetchmany(
-        """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency,
-                                 payment_method, card_token, installments, auto_confirm_days, status, saga_state,
-                                 accepted_at, updated_at, next_action_at, deadline_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-           ON CONFLICT (order_id) DO NOTHING RETURNING order_id""",
-        [(p.order_id, p.placed_event_id, p.payment_id, p.buyer_id, p.seller_id, p.amount, p.currency,
-          p.payment_method, p.card_token, p.installments, p.auto_confirm_days, p.status.value, p.state.value,
-          p.accepted_at, now, p.next_action_at, p.deadline_at) for p in payments])
-    return {r["order_id"] for r in rows}
+    inserted (the others already had a payment). `traceparents` (tracing on only): each
+    payment's trace context, in the same order; without them the statement stays as it was."""
+    rows = [(p.order_id, p.placed_event_id, p.payment_id, p.buyer_id, p.seller_id, p.amount, p.currency,
+             p.payment_method, p.card_token, p.installments, p.auto_confirm_days, p.status.value, p.state.value,
+             p.accepted_at, now, p.next_action_at, p.deadline_at) for p in payments]
+    if traceparents is None:
+        inserted = await conn.fetchmany(_INSERT_UNTRACED, rows)
+    else:
+        inserted = await conn.fetchmany(_INSERT_TRACED, [(*r, t) for r, t in zip(rows, traceparents, strict=True)])
+    return {r["order_id"] for r in inserted}
 
 
 async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list[dict]) -> None:

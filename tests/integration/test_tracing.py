@@ -139,6 +139,66 @@ async def test_one_orders_spans_and_logs_share_its_trace(spans_file, shop, kafka
         assert line["correlation_id"] == order_id and line["trace_id"] == trace_id, line
 
 
+async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, shop, kafka):
+    """The saga worker charges a card and times a silent channel out on its own timer, outside
+    any consumed record: each step resumes the order's trace kept on its payment, so the hold,
+    escrow's answer and the outcome are in the order's one trace."""
+    buyer, seller = await shop.user("buyer"), await shop.user("seller")
+    paid, silent = new_id("o"), new_id("o")
+    traces = {}
+    since = await kafka.end_offsets("payments.events")
+    for order_id, token in ((paid, "tok_visa"), (silent, "tok_timeout")):
+        traceparent, trace_id, shop_span = shop_traceparent()
+        traces[order_id] = (trace_id, shop_span)
+        await send_traced(kafka, "OrderPlaced", {"order_id": order_id, "buyer_id": buyer, "seller_id": seller,
+                                                 "amount": 3_000, "currency": "CNY", "payment_method": "bank_card",
+                                                 "card_token": token}, traceparent)
+    assert [e["type"] for e in await shop.events(paid, 1, timeout=60)] == ["PaymentSucceeded"]
+
+    def trace_of(order_id: str) -> list[dict]:
+        return [s for s in read_spans(spans_file) if s["trace_id"] == traces[order_id][0]]
+
+    expected = {("danbao-gateway", "process orders.events"), ("danbao-gateway", "send risk.requests"),
+                ("danbao-gateway", "process risk.decisions"), ("danbao-gateway", "saga step"),
+                ("danbao-gateway", "send escrow.commands"), ("danbao-escrow", "process escrow.commands"),
+                ("danbao-escrow", "send escrow.events"), ("danbao-gateway", "process escrow.events"),
+                ("danbao-gateway", "send payments.events")}
+
+    async def complete():
+        got = {(s["service"], s["name"]) for s in trace_of(paid)}
+        return expected <= got and got
+    await eventually(complete, timeout=30)
+    trace = trace_of(paid)
+    by_id = {s["span_id"]: s for s in trace}
+    # The worker's step is a child of the order's context (the record, or the span that consumed
+    # it), and the hold it sends (the card authorized) is the step's child.
+    [step] = [s for s in trace if s["name"] == "saga step"]
+    assert step["parent_span_id"] == traces[paid][1] or by_id[step["parent_span_id"]]["name"] == "process orders.events"
+    assert step["attributes"]["danbao.saga_state"] == "FUNDING" and step["attributes"]["danbao.correlation_id"] == paid
+    [hold] = [s for s in trace if s["name"] == "send escrow.commands"]
+    assert hold["parent_span_id"] == step["span_id"]
+    assert "HoldFunds" in [s["attributes"]["danbao.event_type"] for s in trace if s["name"] == "process escrow.commands"]
+
+    # The silent channel: the worker's first look (no answer yet) is in the order's trace; the
+    # timeout it decides once the clock has passed the deadline is too, and so is its outcome.
+    async def looked_at():
+        return [s for s in trace_of(silent) if s["name"] == "saga step"]
+    await eventually(looked_at, timeout=30)
+    assert silent not in shop.outcomes.by_order
+    await shop.advance_clock(31)
+    [failed] = await shop.events(silent, 1, timeout=60)
+    assert failed["data"]["reason_code"] == "CHANNEL_TIMEOUT"
+
+    async def outcome_sent():
+        return [s for s in trace_of(silent) if s["name"] == "send payments.events"]
+    [sent] = await eventually(outcome_sent, timeout=30)
+    steps = {s["span_id"]: s for s in trace_of(silent) if s["name"] == "saga step"}
+    assert sent["parent_span_id"] in steps and len(steps) >= 2
+    records = await kafka.read("payments.events", since, lambda rs: any(silent.encode() == r.key for r in rs))
+    [outcome] = [r for r in records if r.key == silent.encode()]
+    assert dict(outcome.headers)["traceparent"].decode().split("-")[1] == traces[silent][0]
+
+
 async def test_orders_applied_as_a_set_each_keep_their_own_trace(spans_file, shop, kafka, services):
     buyer = await shop.user("buyer", balance=200_000)
     seller = await shop.user("seller")

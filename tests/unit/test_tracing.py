@@ -196,6 +196,41 @@ def test_set_run_ids_in_logs_with_tracing_off():
     assert line == {"event": "x", "order_id": "o-1", "correlation_id": "o-1", "event_id": "e-1"}
 
 
+# ---------------------------------------------------------------- timers: work resumed later
+def test_the_context_kept_for_later_is_the_one_the_records_rows_get(spans):
+    env = SimpleNamespace(event_id="e-1", type="OrderPlaced", correlation_id="o-1")
+    with tracing.consuming("orders.events", record([("traceparent", TRACEPARENT.encode())]), env):
+        kept = tracing.traceparent_for("e-1", "o-1")
+        rows = dict(tracing.outbox_headers({"causation_id": "e-1", "correlation_id": "o-1"}))
+    assert kept == rows["traceparent"].decode() and kept.startswith(f"00-{TRACE}-")
+    # In a set-based run, each order keeps its own record's context, not the run's span.
+    traced = decoded("e-2", "o-2", [("traceparent", TRACEPARENT.encode())])
+    with tracing.set_run("orders.events", "OrderPlaced", [decoded("e-3", "o-3", correlation_id="o-3"), traced]):
+        assert tracing.traceparent_for("e-2", "o-2") == TRACEPARENT
+        other = tracing.traceparent_for("e-3", "o-3")
+    receive = next(s for s in spans.get_finished_spans() if s.name == "receive orders.events")
+    assert other.startswith(f"00-{receive.context.trace_id:032x}-{receive.context.span_id:016x}-")
+    assert tracing.traceparent_for("e-9", "o-9") is None  # outside any span: nothing to keep
+
+
+def test_a_timer_step_resumes_the_kept_context_and_its_rows_stay_in_it(spans):
+    with tracing.resuming(TRACEPARENT, "saga step", {"danbao.saga_state": "FUNDING"}) as ids:
+        headers = dict(tracing.outbox_headers({"causation_id": None, "correlation_id": "o-1"}))
+    [span] = spans.get_finished_spans()
+    assert (span.name, span.kind, f"{span.context.trace_id:032x}", f"{span.parent.span_id:016x}") == (
+        "saga step", SpanKind.INTERNAL, TRACE, PARENT)
+    assert span.attributes["danbao.saga_state"] == "FUNDING"
+    assert ids == {"trace_id": TRACE, "span_id": f"{span.context.span_id:016x}"}
+    assert headers["traceparent"].decode() == f"00-{TRACE}-{span.context.span_id:016x}-01"
+
+
+@pytest.mark.parametrize("kept", [None, "", "garbage", f"00-{'0' * 32}-{PARENT}-01"])
+def test_a_timer_step_without_a_kept_context_starts_no_trace(spans, kept):
+    with tracing.resuming(kept, "saga step", {}) as ids:
+        assert tracing.inject() == []
+    assert ids == {} and spans.get_finished_spans() == ()
+
+
 # ---------------------------------------------------------------- the relay
 def test_the_relay_sends_the_producer_spans_traceparent_in_place(spans):
     stored = [("traceparent", TRACEPARENT.encode()), ("error.code", b"HANDLER_ERROR")]
