@@ -2,12 +2,15 @@
 # provides ROOT, DATA, RUN, LOGS, PY, log, die, install_python and ensure_secrets).
 #
 #   ./danbao containers up      install Podman if missing, build the images, start the compose
-#                               stack (Kafka, Postgres, four services, risk engine), wait until healthy
+#                               stack (Kafka, Postgres, four services, risk engine, ops console), wait
+#                               until healthy
 #   ./danbao containers demo    the same on the test clock, then the main job against the containers
 #   ./danbao containers test    the test suite on testcontainers (Kafka and Postgres from the images)
 #   ./danbao containers build   only build the images
 #   ./danbao containers status  what runs and whether it is healthy
-#   ./danbao containers logs S  follow one container's log (kafka, postgres, gateway, …)
+#   ./danbao containers logs S  follow one container's log (kafka, postgres, gateway, …, console)
+#   ./danbao containers ops ARGS  an ops tool inside the stack: `python -m deploy.ops ARGS` in the
+#                               console container (order ID, user ID, dlq ..., doctor)
 #   ./danbao containers down    stop and remove the containers (-v: and their data volumes)
 #
 # Nothing is pulled from an image registry unless a setting names an image from one: Debian
@@ -21,7 +24,7 @@ CT_COMPOSE=(-f "$ROOT/docker-compose.yml" -p "${COMPOSE_PROJECT_NAME:-danbao}")
 CT_PROJECT="${COMPOSE_PROJECT_NAME:-danbao}"
 CT_ENGINE="${DANBAO_ENGINE:-podman}"
 CT_SOCKET="${DANBAO_PODMAN_SOCKET:-$RUN/podman.sock}"
-CT_APP_SERVICES=(gateway escrow credit billing risk)
+CT_APP_SERVICES=(gateway escrow credit billing risk console)
 
 # Images: a setting given in the environment is used as is (and pulled if it names a registry);
 # otherwise the image is built here.
@@ -216,7 +219,8 @@ ct_secrets() {
 ct_port() {  # service -> host port
   local var; var="$(echo "$1" | tr a-z A-Z)_HOST_PORT"
   case $1 in gateway) echo "${!var:-8001}";; escrow) echo "${!var:-8002}";; credit) echo "${!var:-8003}";;
-    billing) echo "${!var:-8004}";; risk) echo "${!var:-8005}";; kafka) echo "${!var:-9092}";;
+    billing) echo "${!var:-8004}";; risk) echo "${!var:-8005}";; console) echo "${!var:-8006}";;
+    kafka) echo "${!var:-9092}";;
     postgres) echo "${!var:-5432}";; esac
 }
 
@@ -229,9 +233,13 @@ ct_host_env() {
   done
 }
 
+ct_container() {  # compose service -> the id of its (first) running container, empty if none
+  ct_engine ps -q --filter "label=com.docker.compose.project=$CT_PROJECT" \
+    --filter "label=com.docker.compose.service=$1" | sed -n 1p
+}
+
 ct_health() {  # container -> healthy | starting | unhealthy | none | missing
-  local id; id=$(ct_engine ps -q --filter "label=com.docker.compose.project=$CT_PROJECT" \
-    --filter "label=com.docker.compose.service=$1" | sed -n 1p)
+  local id; id=$(ct_container "$1")
   [ -n "$id" ] || { echo missing; return; }
   ct_engine inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id" 2>/dev/null || echo missing
 }
@@ -326,8 +334,15 @@ containers_main() {
       "$PY" -m deploy.demo "$@" ;;
     test)   ct_test "$@" ;;
     status) ct_install; ct_secrets >/dev/null; ct_status ;;
-    logs)   ct_install; ct_engine logs -f --tail 100 "$(ct_engine ps -q --filter "label=com.docker.compose.project=$CT_PROJECT" \
-              --filter "label=com.docker.compose.service=${1:?which container}" | sed -n 1p)" ;;
+    logs)   ct_install; ct_engine logs -f --tail 100 "$(ct_container "${1:?which container}")" ;;
+    ops)
+      # The console container has every setting the ops tools read (databases, Kafka, the services'
+      # and the risk engine's URLs, the operator token); its image ships deploy/ops.
+      ct_install
+      local id tty=(); id=$(ct_container console)
+      [ -n "$id" ] || die "the console container does not run: ./danbao containers up"
+      [ -t 0 ] && [ -t 1 ] && tty=(-t)
+      ct_engine exec -i "${tty[@]}" "$id" python -m deploy.ops "$@" ;;
     down)   ct_down "$@" ;;
     *)      awk 'NR > 1 && !/^#/ {exit} NR > 3 {sub(/^# ?/, ""); print}' "$CT_DIR/containers.sh"; [ "$cmd" = help ] ;;
   esac

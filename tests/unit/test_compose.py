@@ -89,8 +89,8 @@ def _published_ports(svc: dict, env: dict[str, str] | None = None) -> list[tuple
     return out
 
 
-def test_all_six_services_exist(services):
-    assert set(services) == set(APP_SERVICES + INFRA_SERVICES + ["risk"])
+def test_all_eight_services_exist(services):
+    assert set(services) == set(APP_SERVICES + INFRA_SERVICES + ["risk", "console"])
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -194,7 +194,7 @@ KAFKA_CLIENT_ENV = ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SA
                     "KAFKA_SSL_CAFILE")
 
 
-@pytest.mark.parametrize("name", APP_SERVICES + ["risk"])
+@pytest.mark.parametrize("name", APP_SERVICES + ["risk", "console"])
 def test_kafka_client_security_is_passed_through(services, name):
     """The Kafka security settings reach every service and the risk engine as given; nothing
     given is PLAINTEXT, which the services accept (shared/kafka.py)."""
@@ -239,6 +239,40 @@ def test_risk_engine_runs_from_the_same_image(services):
     assert risk["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
+def test_ops_console_runs_from_the_same_image_behind_the_operator_token(services):
+    """deploy/ops/console.py as a service: port 8006 (CONSOLE_PORT, as `./danbao up` runs it),
+    the operator token and the Postgres password with no default, every service's URL (the
+    health page, the test clock) and the risk engine's, and no JWT secret or personal data key."""
+    console = services["console"]
+    assert console["command"] == ["python", "-m", "deploy.ops.console"]
+    assert importlib.util.find_spec("deploy.ops.console") is not None
+    assert _published_ports(console) == [(8006, 8006)]
+    assert _published_ports(console, {"CONSOLE_HOST_PORT": "18006"}) == [(18006, 8006)]
+    env = as_env_dict(console["environment"])
+    assert (env["CONSOLE_PORT"], env["HTTP_HOST"], env["KAFKA_BOOTSTRAP_SERVERS"]) == ("8006", "0.0.0.0", "kafka:9092")
+    assert "http://127.0.0.1:8006/health" in _healthcheck_text(console)
+    for other in APP_SERVICES:
+        assert env[f"{other.upper()}_URL"] == services[other]["environment"][f"{other.upper()}_URL"]
+    assert env["RISK_URL"] == "http://risk:8005"
+    assert env["DATABASE_URL"] == services["gateway"]["environment"]["DATABASE_URL"]
+    with pytest.raises(KeyError):
+        interpolate(env["DANBAO_API_TOKEN"])
+    assert interpolate(env["DANBAO_API_TOKEN"], {"DANBAO_API_TOKEN": "a,b"}) == "a,b"
+    assert not {"DANBAO_JWT_SECRET", "DANBAO_JWT_KEYS", "DANBAO_PII_KEY"} & set(env)
+    depends = {k: v["condition"] for k, v in console["depends_on"].items()}
+    assert depends == {"kafka": "service_healthy", "postgres": "service_healthy", "gateway": "service_started"}
+
+
+def test_containers_script_knows_every_compose_service(services):
+    """deploy/containers/containers.sh waits for, reports and maps the ports of the same services."""
+    script = (CONTAINERS / "containers.sh").read_text()
+    listed = re.search(r"^CT_APP_SERVICES=\(([^)]*)\)", script, re.M).group(1).split()
+    assert set(listed) | set(INFRA_SERVICES) == set(services)
+    ports = dict(re.findall(r"(\w+)\) echo \"\$\{!var:-(\d+)\}\"", script))
+    for name in listed:
+        assert _published_ports(services[name]) == [(int(ports[name]), int(ports[name]))], name
+
+
 def test_kafka_advertises_the_published_host_port(services):
     """Clients on the host reach Kafka through the published port, so the host listener must
     advertise that port, not the container's: both follow KAFKA_HOST_PORT."""
@@ -251,7 +285,7 @@ def test_kafka_advertises_the_published_host_port(services):
     assert "PLAINTEXT_HOST://:29092" in listeners
 
 
-@pytest.mark.parametrize("name", APP_SERVICES + INFRA_SERVICES + ["risk"])
+@pytest.mark.parametrize("name", APP_SERVICES + INFRA_SERVICES + ["risk", "console"])
 def test_restart_policy_non_root_user_and_healthcheck(services, name):
     svc = services[name]
     assert svc["restart"] == "unless-stopped"
@@ -263,13 +297,13 @@ def test_restart_policy_non_root_user_and_healthcheck(services, name):
         assert not [arg for arg in svc["healthcheck"]["test"] if " " in arg]
 
 
-@pytest.mark.parametrize("name", APP_SERVICES + ["risk"])
+@pytest.mark.parametrize("name", APP_SERVICES + ["risk", "console"])
 def test_app_image_and_base_are_settings(services, name):
     svc = services[name]
     assert interpolate(svc["image"]) == "danbao:local"
     assert interpolate(svc["image"], {"DANBAO_IMAGE": "localhost/danbao:local"}) == "localhost/danbao:local"
     assert str(svc["user"]) == "10001:10001"  # the Dockerfile's USER
-    if name != "risk":
+    if name in APP_SERVICES:
         arg = svc["build"]["args"]["DANBAO_BASE_IMAGE"]
         assert interpolate(arg) == "python:3.11-slim"
         assert interpolate(arg, {"DANBAO_BASE_IMAGE": "localhost/danbao-python:3.11"}) == "localhost/danbao-python:3.11"
