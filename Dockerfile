@@ -1,4 +1,5 @@
-# One image for all four Danbao services (gateway, escrow, credit, billing).
+# One image for all four Danbao services (gateway, escrow, credit, billing), the risk engine and
+# the ops tools (the console, `python -m deploy.ops.console`; `python -m deploy.ops doctor`, ...).
 #
 #   docker build -t danbao .
 #   docker run ... danbao                                  # runs services.gateway (DANBAO_SERVICE default)
@@ -44,14 +45,17 @@ RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
  && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install -r /tmp/requirements.txt
 
-# Then the project itself (packages shared*, services*, deploy*, with their migrations/*.sql and *.py).
+# Then the project itself (packages shared*, services*, deploy*, with their migrations/*.sql and *.py):
+# deploy's modules (the audit, the main job) and the ops tools (deploy/ops: `python -m deploy.ops
+# order|user|dlq|doctor` and the console, `python -m deploy.ops.console`), not its build files.
 COPY shared ./shared
 COPY services ./services
 COPY deploy/*.py ./deploy/
+COPY deploy/ops/*.py ./deploy/ops/
 RUN --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install --no-deps . \
- && python -c "import services.gateway.app, services.escrow.app, services.credit.app, services.billing.app" \
+ && python -c "import services.gateway.app, services.escrow.app, services.credit.app, services.billing.app, deploy.audit, deploy.ops.__main__, deploy.ops.console" \
  && pip uninstall -y -q pip setuptools  # installers are not needed at run time
 
 # ---------------------------------------------------------------- runtime stage
@@ -73,7 +77,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 USER 10001:10001
 
-EXPOSE 8001 8002 8003 8004
+EXPOSE 8001 8002 8003 8004 8005 8006
 
 # GET /health answers 200 only when the service reaches Kafka and Postgres. The port is $PORT
 # when given, otherwise the port of the chosen service's *_URL setting (its default otherwise),

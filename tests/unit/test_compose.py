@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -227,6 +228,90 @@ def test_dockerfile():
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "HTTP_HOST=0.0.0.0" in text
     assert re.search(r"pip install[^\n]*\s\.(\s|$)", text)
+
+
+def _shipped_files() -> set[str]:
+    """The repository files the Dockerfile's build stage copies (COPY without --from), as paths
+    relative to the repository; each lands at the same path under the build's WORKDIR."""
+    shipped = set()
+    for line in DOCKERFILE.read_text().splitlines():
+        parts = line.split()
+        if not parts or parts[0].upper() != "COPY" or any(p.startswith("--from") for p in parts):
+            continue
+        *sources, dest = [p for p in parts[1:] if not p.startswith("--")]
+        for source in sources:
+            matches = sorted(ROOT.glob(source))
+            assert matches, f"COPY {source}: nothing matches"
+            for match in matches:
+                rel = match.relative_to(ROOT)
+                # Same place in the image: `COPY dir ./dir` or `COPY dir/*.py ./dir/`.
+                assert dest.rstrip("/") in ("./" + str(rel), "./" + str(rel.parent), "."), line
+                files = [f for f in match.rglob("*") if f.is_file()] if match.is_dir() else [match]
+                shipped |= {str(f.relative_to(ROOT)) for f in files if "__pycache__" not in f.parts}
+    return shipped
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions (`from a import b` gives a and a.b)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def _module_file(name: str) -> Path | None:
+    """The repository file of a project module (a package's __init__.py), None for anything else."""
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("entry", ["deploy.ops.__main__", "deploy.ops.console"])
+def test_the_image_ships_what_the_ops_tools_need(entry):
+    """`python -m deploy.ops ...` and `python -m deploy.ops.console` run inside the service image
+    (README "Operating Danbao"): every project module they import, directly or not, is copied
+    into the build (and installed: pyproject's packages include it), and every other package
+    they import is a run-time dependency, not a test extra."""
+    import fnmatch
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    shipped = _shipped_files()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    runtime = {re.split(r"[\[=<>~! ;]", d, maxsplit=1)[0].lower().replace("_", "-")
+               for d in pyproject["project"]["dependencies"]}
+    distributions = packages_distributions()
+    seen, todo, third_party = set(), [entry], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        if path is None:
+            top = name.split(".")[0]
+            if top not in ("shared", "services", "deploy") and top not in sys.stdlib_module_names:
+                third_party.add(top)
+            continue
+        rel = str(path.relative_to(ROOT))
+        assert rel in shipped, f"{entry} needs {rel}, which the Dockerfile does not copy"
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        assert any(fnmatch.fnmatch(package, p) for p in packages), f"{package} is not installed (pyproject)"
+        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        todo += parents + sorted(_imports(path))
+    assert {entry, "deploy.ops.dlq", "deploy.ops.doctor", "deploy.ops.story", "deploy.audit"} <= seen  # the walk works
+    for top in third_party:
+        dists = {d.lower().replace("_", "-") for d in distributions.get(top, [])}
+        assert dists & runtime, f"{entry} imports {top}, which is not a run-time dependency (pyproject)"
 
 
 def test_risk_engine_runs_from_the_same_image(services):
