@@ -151,7 +151,7 @@ async def order_story(order_id: str) -> dict[str, Any]:
             k: payment.get(k) for k in ("status", "saga_state", "reason_code", "message", "amount", "payment_method",
                                          "installments", "buyer_id", "seller_id", "refunded", "risk_decision",
                                          "risk_rules", "released_gross", "fee_amount", "net_amount", "deadline_at",
-                                         "accepted_at", "updated_at")},
+                                         "accepted_at", "updated_at")} | {"trace_id": trace_id_of(payment.get("traceparent"))},
         "escrow": None if escrow is None else {
             k: escrow.get(k) for k in ("status", "amount", "auto_confirm_at", "refunded_from_hold", "clawed_back",
                                         "pending_clawbacks", "fee_amount", "net_amount")},
@@ -165,6 +165,13 @@ async def order_story(order_id: str) -> dict[str, Any]:
              "status": status, "timeline": timeline, "transfers": transfers}
     story["problems"] = order_problems(story, now)
     return story
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of the order's kept context (gateway.payments.traceparent, tracing on), to look
+    the order up in the tracing backend; None without one."""
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
 def order_problems(story: dict[str, Any], now: datetime) -> list[str]:

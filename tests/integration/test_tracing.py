@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from deploy.ops import story
 from tests.integration.conftest import LOGS, envelope, eventually, new_id
 
 TRACED = ("gateway", "escrow", "credit")
@@ -139,7 +140,7 @@ async def test_one_orders_spans_and_logs_share_its_trace(spans_file, shop, kafka
         assert line["correlation_id"] == order_id and line["trace_id"] == trace_id, line
 
 
-async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, shop, kafka):
+async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, shop, kafka, ops_env):
     """The saga worker charges a card and times a silent channel out on its own timer, outside
     any consumed record: each step resumes the order's trace kept on its payment, so the hold,
     escrow's answer and the outcome are in the order's one trace."""
@@ -178,6 +179,8 @@ async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, s
     [hold] = [s for s in trace if s["name"] == "send escrow.commands"]
     assert hold["parent_span_id"] == step["span_id"]
     assert "HoldFunds" in [s["attributes"]["danbao.event_type"] for s in trace if s["name"] == "process escrow.commands"]
+    # The order's story names its trace (kept on the payment), to look it up in a tracing backend.
+    assert (await story.order_story(paid))["status"]["gateway"]["trace_id"] == traces[paid][0]
 
     # The silent channel: the worker's first look (no answer yet) is in the order's trace; the
     # timeout it decides once the clock has passed the deadline is too, and so is its outcome.

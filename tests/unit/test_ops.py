@@ -59,6 +59,12 @@ def test_late_timers_and_huabei_reservations_are_problems():
     assert story.order_problems(s, NOW) == ["hold past its auto-confirm time 2026-11-29 11:00:00.000Z"]
 
 
+def test_the_story_names_the_orders_trace_when_one_was_kept():
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert story.trace_id_of(f"00-{trace}-00f067aa0ba902b7-01") == trace
+    assert story.trace_id_of(None) is None and story.trace_id_of("garbage") is None
+
+
 def test_dead_letter_positions():
     assert dlq.parse_position("orders.events.dlq:3:17") == ("orders.events.dlq", 3, 17)
     for bad in ("orders.events:3:17", "orders.events.dlq:x:1", "nonsense"):
