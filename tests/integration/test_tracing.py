@@ -171,13 +171,15 @@ async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, s
     await eventually(complete, timeout=30)
     trace = trace_of(paid)
     by_id = {s["span_id"]: s for s in trace}
-    # The worker's step is a child of the order's context (the record, or the span that consumed
-    # it), and the hold it sends (the card authorized) is the step's child.
-    [step] = [s for s in trace if s["name"] == "saga step"]
-    assert step["parent_span_id"] == traces[paid][1] or by_id[step["parent_span_id"]]["name"] == "process orders.events"
-    assert step["attributes"]["danbao.saga_state"] == "FUNDING" and step["attributes"]["danbao.correlation_id"] == paid
-    [hold] = [s for s in trace if s["name"] == "send escrow.commands"]
-    assert hold["parent_span_id"] == step["span_id"]
+    # Each worker step is a child of the order's context (the record, or the span that consumed
+    # it); the hold sent once the card is authorized is the FUNDING step's child. (A slow risk
+    # engine or escrow would add a timeout or re-send step: the checks allow for them.)
+    steps = [s for s in trace if s["name"] == "saga step"]
+    for step in steps:
+        assert step["parent_span_id"] == traces[paid][1] or by_id[step["parent_span_id"]]["name"] == "process orders.events"
+        assert step["attributes"]["danbao.correlation_id"] == paid
+    [charged] = [s for s in steps if s["attributes"]["danbao.saga_state"] == "FUNDING"]
+    assert [s for s in trace if s["name"] == "send escrow.commands" and s["parent_span_id"] == charged["span_id"]]
     assert "HoldFunds" in [s["attributes"]["danbao.event_type"] for s in trace if s["name"] == "process escrow.commands"]
     # The order's story names its trace (kept on the payment), to look it up in a tracing backend.
     assert (await story.order_story(paid))["status"]["gateway"]["trace_id"] == traces[paid][0]
