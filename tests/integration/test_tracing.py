@@ -159,7 +159,9 @@ async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, s
     def trace_of(order_id: str) -> list[dict]:
         return [s for s in read_spans(spans_file) if s["trace_id"] == traces[order_id][0]]
 
-    expected = {("danbao-gateway", "process orders.events"), ("danbao-gateway", "send risk.requests"),
+    # (The two OrderPlaced may be applied as a set: then the `process orders.events` span is linked
+    # to the order's trace rather than in it; see the set test below.)
+    expected = {("danbao-gateway", "send risk.requests"),
                 ("danbao-gateway", "process risk.decisions"), ("danbao-gateway", "saga step"),
                 ("danbao-gateway", "send escrow.commands"), ("danbao-escrow", "process escrow.commands"),
                 ("danbao-escrow", "send escrow.events"), ("danbao-gateway", "process escrow.events"),
@@ -171,6 +173,8 @@ async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, s
     await eventually(complete, timeout=30)
     trace = trace_of(paid)
     by_id = {s["span_id"]: s for s in trace}
+    assert [s for s in read_spans(spans_file) if s["name"] == "process orders.events" and traces[paid][0] in
+            {s["trace_id"], *(link["trace_id"] for link in s["links"])}]
     # Each worker step is a child of the order's context (the record, or the span that consumed
     # it); the hold sent once the card is authorized is the FUNDING step's child. (A slow risk
     # engine or escrow would add a timeout or re-send step: the checks allow for them.)
@@ -184,13 +188,14 @@ async def test_a_card_orders_worker_driven_steps_stay_in_its_trace(spans_file, s
     # The order's story names its trace (kept on the payment), to look it up in a tracing backend.
     assert (await story.order_story(paid))["status"]["gateway"]["trace_id"] == traces[paid][0]
 
-    # The silent channel: the worker's first look (no answer yet) is in the order's trace; the
-    # timeout it decides once the clock has passed the deadline is too, and so is its outcome.
+    # The silent channel: the worker asks the bank again every second (no answer yet), each time
+    # in the order's trace; the timeout it decides once the clock has passed the deadline (30 s,
+    # moved on here if it has not come yet) is too, and so is its outcome.
     async def looked_at():
         return [s for s in trace_of(silent) if s["name"] == "saga step"]
     await eventually(looked_at, timeout=30)
-    assert silent not in shop.outcomes.by_order
-    await shop.advance_clock(31)
+    if silent not in shop.outcomes.by_order:
+        await shop.advance_clock(31)
     [failed] = await shop.events(silent, 1, timeout=60)
     assert failed["data"]["reason_code"] == "CHANNEL_TIMEOUT"
 
