@@ -231,6 +231,33 @@ def test_a_timer_step_without_a_kept_context_starts_no_trace(spans, kept):
     assert ids == {} and spans.get_finished_spans() == ()
 
 
+async def test_payments_keep_their_context_only_with_tracing_on():
+    """The set path's insert (services/gateway/store.py) is the statement it was when tracing is
+    off; on, each payment gets its own traceparent in the same order."""
+    from datetime import datetime, timezone
+
+    from services.gateway import saga, store
+    from shared.events import OrderPlaced
+
+    class Conn:
+        def __init__(self):
+            self.calls = []
+
+        async def fetchmany(self, sql, rows):
+            self.calls.append((sql, rows))
+            return [{"order_id": r[0]} for r in rows]
+
+    now = datetime(2026, 11, 29, tzinfo=timezone.utc)
+    payments = [saga.Payment.new(OrderPlaced(order_id=o, buyer_id="b", seller_id="s", amount=100, currency="CNY",
+                                             payment_method="balance"), f"e-{o}", now) for o in ("o-1", "o-2")]
+    conn = Conn()
+    assert await store.insert_payments(conn, payments, now) == {"o-1", "o-2"}
+    assert await store.insert_payments(conn, payments, now, [TRACEPARENT, None]) == {"o-1", "o-2"}
+    (off_sql, off_rows), (on_sql, on_rows) = conn.calls
+    assert "traceparent" not in off_sql and {len(r) for r in off_rows} == {17}
+    assert "traceparent" in on_sql and "$18" in on_sql and [r[17] for r in on_rows] == [TRACEPARENT, None]
+
+
 # ---------------------------------------------------------------- the relay
 def test_the_relay_sends_the_producer_spans_traceparent_in_place(spans):
     stored = [("traceparent", TRACEPARENT.encode()), ("error.code", b"HANDLER_ERROR")]
