@@ -306,7 +306,7 @@ async def orders_placed(ctx: Context, conn: asyncpg.Connection, items: Batch) ->
     if not fast:
         return items
     await store.record_order_events(
-        conn, [(env.event_id, o.order_id, env.type, o.model_dump(mode="json"), "applied") for env, o, _ in fast], now)
+        conn, [(env.event_id, o.order_id, env.type, o.model_dump(mode="json"), EventState.APPLIED) for env, o, _ in fast], now)
     traceparents = [tracing.traceparent_for(env.event_id, o.order_id) for env, o, _ in fast] \
         if tracing.ENABLED else None  # each order's own context (shared/tracing.py set_run)
     inserted = await store.insert_payments(conn, [d.payment for _, _, d in fast], now, traceparents)
@@ -382,7 +382,7 @@ async def funds_held_many(ctx: Context, conn: asyncpg.Connection, items: Batch) 
         raise RuntimeError("a wallet reservation was missing or resolved already")  # one by one sorts it out
     await _save_many(ctx, conn, fast, now)
     order_ids = [p.order_id for _, _, p, _ in fast]
-    kept = await store.take_events_many(conn, order_ids, "pending", "forwarded")
+    kept = await store.take_events_many(conn, order_ids, EventState.PENDING, EventState.FORWARDED)
     for order_id in order_ids:  # events that came before the payment completed: now they go on
         for event in kept.get(order_id, []):
             await _forward(ctx, conn, event["type"], event["data"], cause=event["event_id"])
