@@ -33,8 +33,14 @@ class SagaState(str, Enum):
 
     @property
     def in_progress(self) -> bool:
-        return self in (SagaState.NEW, SagaState.RISK_CHECK, SagaState.REVIEW, SagaState.RESERVING,
-                        SagaState.COMMITTING, SagaState.FUNDING, SagaState.HOLDING)
+        return self is SagaState.NEW or self in TIMED_STATES
+
+
+# The in-progress states whose next step is a timer (next_action_at: a deadline, a card to poll,
+# a command to re-send), as the saga worker scans them; NEW lasts only inside the transaction that
+# creates the payment. The partial index payments_saga_due (gateway migration 010) lists the same.
+TIMED_STATES = (SagaState.RISK_CHECK, SagaState.REVIEW, SagaState.RESERVING, SagaState.COMMITTING, SagaState.FUNDING,
+                SagaState.HOLDING)
 
 
 class PaymentMethod(StrEnum):

@@ -150,9 +150,9 @@ async def _apply_ledger(conn: asyncpg.Connection, order_id: str, intents, now: d
 
 async def _bank(ctx: Context, call: saga.Bank) -> None:
     bank = ctx.deps.bank
-    if call.op == "capture":
+    if call.op is saga.BankOp.CAPTURE:
         await bank.capture(call.request_id, call.amount)
-    elif call.op == "void":
+    elif call.op is saga.BankOp.VOID:
         await bank.void(call.request_id)
     else:
         await bank.refund(call.request_id, call.charge_id, call.amount)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from services.gateway.accounts import BANK, ESCROW, LENDER, wallet
 from services.gateway.bank import ChargeResult
@@ -178,10 +179,17 @@ class Resolve:
     post: bool
 
 
+class BankOp(StrEnum):
+    """What a decision asks of the bank channel (authorize is the worker's, before deciding)."""
+    CAPTURE = "capture"  # take the authorized amount: escrow holds the order
+    VOID = "void"        # drop the authorization: the saga compensates
+    REFUND = "refund"    # give a captured amount back
+
+
 @dataclass(frozen=True)
 class Bank:
-    """A bank channel call: capture / void / refund (authorize is the worker's, before deciding)."""
-    op: str
+    """A bank channel call."""
+    op: BankOp
     request_id: str
     amount: int = 0
     charge_id: str | None = None
@@ -361,7 +369,7 @@ def _due(p: Payment, e: Due, now: datetime, rules: Rules, short: int | None) -> 
     charge = f"charge:{p.order_id}"
     if p.cancel_requested:
         return _fail(p, "ORDER_CANCELLED", "the order was cancelled before it was paid", rules,
-                     risk_before=p.risk_decision, bank=(Bank("void", charge),))
+                     risk_before=p.risk_decision, bank=(Bank(BankOp.VOID, charge),))
     if e.card is ChargeResult.APPROVED:
         # Authorized only: captured once escrow holds the order, voided if the saga compensates.
         return _start_holding(p, now, rules)
@@ -374,7 +382,7 @@ def _due(p: Payment, e: Due, now: datetime, rules: Rules, short: int | None) -> 
     if p.deadline_at is not None and now >= p.deadline_at:
         # Whatever the channel may still do, nothing is charged.
         return _fail(p, "CHANNEL_TIMEOUT", f"the bank channel did not answer within {rules.channel_timeout_seconds} s",
-                     rules, risk_before=p.risk_decision, bank=(Bank("void", charge),))
+                     rules, risk_before=p.risk_decision, bank=(Bank(BankOp.VOID, charge),))
     next_at = now + timedelta(seconds=1)
     if p.deadline_at is not None:
         next_at = min(next_at, p.deadline_at)
@@ -431,7 +439,7 @@ def _funds_held(p: Payment, e: FundsHeld, now: datetime, rules: Rules, short: in
     if p.payment_method == PaymentMethod.BALANCE:
         ledger = (Resolve(f"payment-post:{o}", f"payment:{o}", post=True),)
     elif p.payment_method == PaymentMethod.BANK_CARD:
-        bank = (Bank("capture", f"charge:{o}", p.amount),)
+        bank = (Bank(BankOp.CAPTURE, f"charge:{o}", p.amount),)
         ledger = (Transfer(f"charge:{o}", BANK, ESCROW, p.amount, "card_payment"),)
     # huabei: nothing left to settle, the drawdown was committed before the hold
     succeeded = PaymentSucceeded(order_id=o, payment_id=p.payment_id, buyer_id=p.buyer_id, seller_id=p.seller_id,
@@ -451,7 +459,7 @@ def _hold_refused(p: Payment, e: HoldRefused, now: datetime, rules: Rules, short
         ledger = (Transfer(f"huabei-return:{o}", ESCROW, LENDER, p.amount, "huabei_cancel"),)
         emit = (Emit(topics.CREDIT_COMMANDS, o, CancelCredit(order_id=o)),)
     else:  # bank_card: authorized, never captured
-        bank = (Bank("void", f"charge:{o}"),)
+        bank = (Bank(BankOp.VOID, f"charge:{o}"),)
     return _fail(p, e.reason_code, e.message, rules, risk_before=p.risk_decision, ledger=ledger, bank=bank, emit=emit)
 
 
@@ -486,7 +494,7 @@ def _escrow_refunded(p: Payment, e: EscrowRefunded, now: datetime, rules: Rules,
     """Refunded from the hold: back the way the money came."""
     # A cancel's refund has no refund_id; its own id space keeps it apart from a refund named "cancel".
     transfer_id = f"refund:{p.order_id}:{e.refund_id}" if e.refund_id else f"cancel-refund:{p.order_id}"
-    bank = (Bank("refund", transfer_id, e.amount, f"charge:{p.order_id}"),) \
+    bank = (Bank(BankOp.REFUND, transfer_id, e.amount, f"charge:{p.order_id}"),) \
         if e.payment_method == PaymentMethod.BANK_CARD else ()
     completed = RefundCompleted(order_id=p.order_id, refund_id=e.refund_id, amount=e.amount,
                                 payment_method=e.payment_method)
@@ -503,7 +511,7 @@ def _clawback_requested(p: Payment, e: ClawbackRequested, now: datetime, rules: 
         rejected = RefundRejected(order_id=p.order_id, refund_id=e.refund_id, reason_code="SELLER_INSUFFICIENT_FUNDS")
         return Decision(emit=(_payment_event(p, rejected), Emit(topics.ESCROW_COMMANDS, p.order_id, ClawbackSettled(
             order_id=p.order_id, refund_id=e.refund_id, amount=e.amount, ok=False))))
-    bank = (Bank("refund", transfer_id, e.amount, f"charge:{p.order_id}"),) \
+    bank = (Bank(BankOp.REFUND, transfer_id, e.amount, f"charge:{p.order_id}"),) \
         if e.payment_method == PaymentMethod.BANK_CARD else ()
     completed = RefundCompleted(order_id=p.order_id, refund_id=e.refund_id, amount=e.amount,
                                 payment_method=e.payment_method)

@@ -3,9 +3,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from enum import Enum
+
 import asyncpg
 
+from services.gateway.domain import TIMED_STATES, OrderEventState, PaymentStatus, RepaymentState, SagaState
 from shared.events import OrderPlaced
+
+
+def _literals(*values: Enum) -> str:
+    """Closed-set values written into the SQL text, where a bound parameter would not do (the
+    planner matches a partial index's predicate only against literals); each table's CHECK
+    refuses a value its enum does not have."""
+    return ", ".join(f"'{v.value}'" for v in values)
 
 
 # ---------------------------------------------------------------- users
@@ -39,10 +49,11 @@ async def insert_payment(conn: asyncpg.Connection, event_id: str, order: OrderPl
         """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency,
                                  payment_method, card_token, installments, auto_confirm_days, status, saga_state,
                                  accepted_at, updated_at, traceparent)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'PENDING', 'NEW', $12, $12, $13)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $14, $15, $12, $12, $13)
            ON CONFLICT (order_id) DO NOTHING RETURNING true""",
         order.order_id, event_id, payment_id, order.buyer_id, order.seller_id, order.amount, order.currency,
-        order.payment_method, order.card_token, order.installments, order.auto_confirm_days, now, traceparent))
+        order.payment_method, order.card_token, order.installments, order.auto_confirm_days, now, traceparent,
+        PaymentStatus.PENDING.value, SagaState.NEW.value))
 
 
 async def get_payment(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> dict | None:
@@ -110,8 +121,7 @@ async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list
                                [(c["order_id"], now, *[c[k] for k in columns]) for c in rows])
 
 
-_DUE = ("saga_state IN ('RISK_CHECK', 'REVIEW', 'RESERVING', 'COMMITTING', 'FUNDING', 'HOLDING') "
-        "AND next_action_at <= $1")
+_DUE = f"saga_state IN ({_literals(*TIMED_STATES)}) AND next_action_at <= $1"  # the index payments_saga_due
 
 
 async def due_saga_ids(conn: asyncpg.Connection, now: datetime, limit: int) -> list[str]:
@@ -168,11 +178,14 @@ async def set_event_state(conn: asyncpg.Connection, event_id: str, state: str) -
     await conn.execute("UPDATE order_events SET state = $2 WHERE event_id = $1", event_id, state)
 
 
+_PARKED = _literals(OrderEventState.PARKED)  # the index order_events_parked
+
+
 async def expire_parked(conn: asyncpg.Connection, received_before: datetime, limit: int) -> list[dict]:
     """Parked events received before `received_before`, marked expired (oldest first)."""
     rows = await conn.fetch(
-        """UPDATE order_events SET state = 'expired' WHERE event_id IN (
-               SELECT event_id FROM order_events WHERE state = 'parked' AND received_at < $1
+        f"""UPDATE order_events SET state = {_literals(OrderEventState.EXPIRED)} WHERE event_id IN (
+               SELECT event_id FROM order_events WHERE state = {_PARKED} AND received_at < $1
                ORDER BY received_at LIMIT $2 FOR UPDATE SKIP LOCKED)
            RETURNING event_id, order_id, type, received_at""", received_before, limit)
     return sorted((dict(r) for r in rows), key=lambda r: r["received_at"])
@@ -180,7 +193,7 @@ async def expire_parked(conn: asyncpg.Connection, received_before: datetime, lim
 
 async def parked_events(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 1000) -> list[dict]:
     rows = await conn.fetch(
-        """SELECT event_id, order_id, type, data, received_at FROM order_events WHERE state = 'parked'
+        f"""SELECT event_id, order_id, type, data, received_at FROM order_events WHERE state = {_PARKED}
            ORDER BY received_at LIMIT $1""", limit)
     return [dict(r) for r in rows]
 
@@ -214,7 +227,8 @@ async def insert_repayment(conn: asyncpg.Connection, repayment_id: str, user_id:
                            now: datetime) -> None:
     await conn.execute(
         """INSERT INTO repayments (repayment_id, user_id, amount, source, state, created_at, updated_at)
-           VALUES ($1, $2, $3, $4, 'requested', $5, $5)""", repayment_id, user_id, amount, source, now)
+           VALUES ($1, $2, $3, $4, $6, $5, $5)""", repayment_id, user_id, amount, source, now,
+        RepaymentState.REQUESTED.value)
 
 
 async def get_repayment(conn: asyncpg.Connection | asyncpg.Pool, repayment_id: str, *, lock: bool = False) -> dict | None:
@@ -224,5 +238,5 @@ async def get_repayment(conn: asyncpg.Connection | asyncpg.Pool, repayment_id: s
 
 
 async def allocate_repayment(conn: asyncpg.Connection, repayment_id: str, allocation: dict, now: datetime) -> None:
-    await conn.execute("UPDATE repayments SET state = 'allocated', allocation = $2, updated_at = $3 WHERE repayment_id = $1",
-                       repayment_id, allocation, now)
+    await conn.execute("UPDATE repayments SET state = $4, allocation = $2, updated_at = $3 WHERE repayment_id = $1",
+                       repayment_id, allocation, now, RepaymentState.ALLOCATED.value)

@@ -7,7 +7,7 @@ import pytest
 
 import services.gateway
 from services.gateway.domain import (OrderEventState, PaymentMethod, PaymentStatus, RepaymentSource, RepaymentState,
-                                     RiskDecision, risk_fallback, Registration, Route, Rules, SagaState,
+                                     RiskDecision, risk_fallback, Registration, Route, Rules, SagaState, TIMED_STATES,
                                      outcome_for_kept_event, payment_status, registration_outcome, route_order_event,
                                      validation_failure, withdrawal_fee)
 from shared import topics
@@ -165,3 +165,11 @@ def test_payment_methods_are_the_events_methods():
     assert {m.value for m in PaymentMethod} == set(typing.get_args(PaymentMethodLiteral))
     assert {s.value for s in RepaymentSource} < {m.value for m in PaymentMethod}
     assert set(typing.get_args(typing.get_type_hints(RiskDecided)["decision"])) == {d.value for d in RiskDecision}
+
+
+def test_the_saga_workers_states_are_its_partial_indexs():
+    """store._DUE is written with literals so that the planner uses payments_saga_due."""
+    sql = "\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*.sql")))
+    newest = re.findall(r"CREATE INDEX payments_saga_due .*?WHERE saga_state IN \(([^)]*)\)", sql, re.S)[-1]
+    assert {v.strip().strip("'") for v in newest.split(",")} == {s.value for s in TIMED_STATES}
+    assert {s for s in SagaState if s.in_progress} == {SagaState.NEW, *TIMED_STATES}
