@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
@@ -36,18 +36,18 @@ _MAX_DAY = 28
 
 
 # ---------------------------------------------------------------- kinds (CHECKed in migrations)
-class ItemKind(str, Enum):
+class ItemKind(StrEnum):
     """What an item (the unit everything is owed on) is."""
     STATEMENT = "statement"      # a cycle's own purchases: the statement's item
     INSTALLMENT = "installment"  # one period of an installment plan
 
 
-class PlanSource(str, Enum):
+class PlanSource(StrEnum):
     PURCHASE = "purchase"      # installments chosen at purchase (plan 'P-<order_id>')
     CONVERSION = "conversion"  # an issued statement converted (plan 'C-<statement_id>')
 
 
-class LineKind(str, Enum):
+class LineKind(StrEnum):
     """What a repayment paid, per item (RepaymentAllocated lines)."""
     STATEMENT = "statement"      # an issued statement's purchases
     INSTALLMENT = "installment"  # an installment period
@@ -471,7 +471,7 @@ def apply_refund_to_installments(periods: Sequence[PlanPeriod], refund: int, now
 
 
 # ---------------------------------------------------------------- statements
-class StatementStatus(str, Enum):
+class StatementStatus(StrEnum):
     OPEN = "open"                # the cycle is still running: not issued yet
     ISSUED = "issued"            # issued, something owed, not past the due day
     PAID = "paid"                # nothing outstanding

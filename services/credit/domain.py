@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import Mapping
 
 from shared.events import (CreditRefused, CreditReserved, DrawdownCommitted, DrawdownRefunded, ReserveCredit,
@@ -105,7 +105,7 @@ def eligibility_failure(profile: Profile, today: date, *, id_number_taken: bool,
 
 
 # ---------------------------------------------------------------- the credit line
-class AccountStatus(str, Enum):
+class AccountStatus(StrEnum):
     """A Huabei account's status (huabei_accounts.status, CHECKed)."""
     ACTIVE = "active"  # may draw down
     FROZEN = "frozen"  # overdue at billing (AccountOverdue): no drawdown until AccountSettled
@@ -172,7 +172,7 @@ def reviewed_limit(current_limit: int, score: int, *, on_time_since: int, late_s
 # (None: none yet) and returns a `CreditDecision`: the reservation to save, how the line's
 # `reserved` and `used` move, the loan transfers and the credit.events to emit. handlers.py
 # applies it; tests/unit/test_saga_simulation.py drives the same functions.
-class ReservationState(str, Enum):
+class ReservationState(StrEnum):
     RESERVED = "reserved"    # tried: counted in the line's `reserved`
     COMMITTED = "committed"  # confirmed: a drawdown, counted in `used`
     CANCELLED = "cancelled"  # the saga compensated (a committed drawdown is reversed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import Mapping
 
 from shared.events import (ClawbackRequested, EscrowRefunded, EscrowRefundRejected, EscrowReleased, FundsHeld,
@@ -18,19 +18,19 @@ from shared.money import apply_rate, percent
 from shared.settings import env_percent
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     HELD = "HELD"            # money held (possibly partly refunded already)
     RELEASED = "RELEASED"    # what was still held went to the seller (later refunds are clawbacks)
     REFUNDED = "REFUNDED"    # everything held went back to the buyer before release
     CANCELLED = "CANCELLED"  # cancelled before any hold: a marker so a late HoldFunds is refused
 
 
-class RefundKind(str, Enum):
+class RefundKind(StrEnum):
     FROM_HOLD = "from_hold"  # before release: taken from the hold
     CLAWBACK = "clawback"    # after release: taken back from the seller's wallet by the gateway
 
 
-class RefundState(str, Enum):
+class RefundState(StrEnum):
     COMPLETED = "completed"
     PENDING = "pending"      # a clawback the gateway has not settled yet; reserved in the sum rule
     REJECTED = "rejected"

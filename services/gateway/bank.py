@@ -12,11 +12,11 @@ the same interface over the network, with its own timeouts.
 """
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 
-class ChargeResult(str, Enum):
+class ChargeResult(StrEnum):
     """The answer to an authorization."""
     APPROVED = "approved"
     DECLINED = "declined"

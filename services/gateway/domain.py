@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import Mapping
 
 from shared.money import apply_rate, percent
 from shared.settings import env_bool, env_int, env_non_negative_int, env_percent
 
 
-class PaymentStatus(str, Enum):
+class PaymentStatus(StrEnum):
     PENDING = "PENDING"
     FAILED = "FAILED"
     HELD = "HELD"
@@ -20,7 +20,7 @@ class PaymentStatus(str, Enum):
     PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
 
 
-class SagaState(str, Enum):
+class SagaState(StrEnum):
     NEW = "NEW"
     RISK_CHECK = "RISK_CHECK"  # waiting for the risk engine's decision
     REVIEW = "REVIEW"          # the risk engine asked for an operator's review
@@ -127,7 +127,7 @@ class Rules:
 
 
 # ---------------------------------------------------------------- users
-class Registration(str, Enum):
+class Registration(StrEnum):
     CREATED = "created"      # 201
     REPEATED = "repeated"    # 200: the same body again
     CONFLICT = "conflict"    # 409: the same user_id with a different body
@@ -192,7 +192,7 @@ def payment_status(*, amount: int, failed: bool, held: bool, released: bool, ref
     return PaymentStatus.RELEASED if released else PaymentStatus.HELD
 
 
-class Route(str, Enum):
+class Route(StrEnum):
     FORWARD = "forward"                  # to escrow now
     KEEP = "keep"                        # until the payment completes
     CANCEL_IN_FLIGHT = "cancel_in_flight"  # forward now and stop the saga where it can be stopped

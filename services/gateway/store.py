@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from enum import Enum
+from enum import StrEnum
 
 import asyncpg
 
@@ -11,7 +11,7 @@ from services.gateway.domain import TIMED_STATES, OrderEventState, PaymentStatus
 from shared.events import OrderPlaced
 
 
-def _literals(*values: Enum) -> str:
+def _literals(*values: StrEnum) -> str:
     """Closed-set values written into the SQL text, where a bound parameter would not do (the
     planner matches a partial index's predicate only against literals); each table's CHECK
     refuses a value its enum does not have."""
