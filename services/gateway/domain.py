@@ -155,8 +155,9 @@ def withdrawal_fee(amount: int, lifetime_withdrawn: int, rules: Rules) -> int:
 
 
 # ---------------------------------------------------------------- payment saga
-def validation_failure(*, buyer_known: bool, seller_known: bool, method: str) -> tuple[str, str] | None:
-    """The first rule an order breaks, as (reason_code, message), or None."""
+def validation_failure(*, buyer_known: bool, seller_known: bool) -> tuple[str, str] | None:
+    """The first rule an order breaks, as (reason_code, message), or None (whether the money is
+    there is the funding step's to say, for every method)."""
     if not buyer_known:
         return "UNKNOWN_BUYER", "the buyer is not a registered user"
     if not seller_known:

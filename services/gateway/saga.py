@@ -312,8 +312,7 @@ def _risk_decision(p: Payment, decision: str, risk_rules: tuple[str, ...], messa
 def _placed(p: Payment, e: Placed, now: datetime, rules: Rules, short: int | None) -> Decision:
     if p.state is not SagaState.NEW:
         return NOTHING
-    failure = validation_failure(buyer_known=e.buyer_registered_at is not None, seller_known=e.seller_known,
-                                 method=p.payment_method)
+    failure = validation_failure(buyer_known=e.buyer_registered_at is not None, seller_known=e.seller_known)
     if failure:
         return _fail(p, *failure, rules, risk_before=p.risk_decision)
     if not rules.risk_enabled:

@@ -42,11 +42,9 @@ def test_withdrawal_fee(amount, withdrawn_before, fee):
 
 
 def test_validation_failure_order():
-    assert validation_failure(buyer_known=False, seller_known=False, method="balance")[0] == "UNKNOWN_BUYER"
-    assert validation_failure(buyer_known=True, seller_known=False, method="balance")[0] == "UNKNOWN_SELLER"
-    assert validation_failure(buyer_known=True, seller_known=True, method="balance") is None
-    assert validation_failure(buyer_known=True, seller_known=True, method="bank_card") is None
-    assert validation_failure(buyer_known=True, seller_known=True, method="huabei") is None  # credit decides
+    assert validation_failure(buyer_known=False, seller_known=False)[0] == "UNKNOWN_BUYER"
+    assert validation_failure(buyer_known=True, seller_known=False)[0] == "UNKNOWN_SELLER"
+    assert validation_failure(buyer_known=True, seller_known=True) is None  # the money: the funding step decides
 
 
 @pytest.mark.parametrize("kwargs, status", [
