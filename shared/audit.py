@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from datetime import datetime, timezone
 
 import asyncpg
+
+from shared.clock import utcnow
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Body fields whose value never goes into the trail.
@@ -60,18 +61,20 @@ def body_summary(raw: bytes) -> dict | list | str | None:
         return f"<{len(raw)} bytes, not JSON>"
 
 
+# Stamped with the real time (shared.clock.utcnow), not the platform's clock: an operator acted
+# then, whatever offset a test has given the controllable clock.
 async def start(pool: asyncpg.Pool, *, operator: str | None, token_id: str | None, method: str, path: str,
                 body) -> int:
     return await pool.fetchval(
         """INSERT INTO audit_log (at, operator, token_id, method, path, body) VALUES ($1, $2, $3, $4, $5, $6)
            RETURNING id""",
-        datetime.now(timezone.utc), clean(operator, 64) if operator else None, token_id, method,
+        utcnow(), clean(operator, 64) if operator else None, token_id, method,
         clean(path, 300), body)
 
 
 async def finish(pool: asyncpg.Pool, entry_id: int, status: int) -> None:
     await pool.execute("UPDATE audit_log SET status = $2, finished_at = $3 WHERE id = $1",
-                       entry_id, status, datetime.now(timezone.utc))
+                       entry_id, status, utcnow())
 
 
 async def recent(pool: asyncpg.Pool, limit: int, before: int | None = None) -> list[dict]:

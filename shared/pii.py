@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
+
+from shared.settings import env
 
 KEY_ENV = "DANBAO_PII_KEY"
 FIELDS = ("phone", "id_number")
@@ -27,7 +28,7 @@ class MissingKey(RuntimeError):
 
 
 def key() -> bytes:
-    value = os.environ.get(KEY_ENV, "").strip()
+    value = env(KEY_ENV, "")
     if not value:
         raise MissingKey(f"{KEY_ENV} must be set (the key of the personal data hashes)")
     return value.encode()

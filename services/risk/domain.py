@@ -35,13 +35,12 @@ buckets, so they are exact to the minute.
 """
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
-from shared.settings import SettingsError, env_int
+from shared.settings import SettingsError, env as env_text, env_int
 
 APPROVE, REVIEW, REJECT = "approve", "review", "reject"
 
@@ -114,7 +113,7 @@ class RiskSettings:
         default = cls()
         values: dict[str, Any] = {name: env_int(var, getattr(default, name), environ=env)
                                   for name, var in _SETTINGS_ENV.items()}
-        disabled = (os.environ if env is None else env).get("RISK_DISABLED_RULES", "")
+        disabled = env_text("RISK_DISABLED_RULES", "", environ=env)
         values["disabled_rules"] = frozenset(r.strip() for r in disabled.split(",") if r.strip())
         return cls(**values)
 
