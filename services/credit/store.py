@@ -5,7 +5,7 @@ from datetime import datetime
 
 import asyncpg
 
-from services.credit.domain import AccountStatus, Behaviour, Line, Profile
+from services.credit.domain import AccountStatus, Behaviour, Line, Profile, ReservationState
 from shared import pii
 
 
@@ -97,16 +97,16 @@ async def insert_account(conn: asyncpg.Connection, user_id: str, limit: int, sco
     return bool(await conn.fetchval(
         """INSERT INTO huabei_accounts (user_id, status, credit_limit, score, id_number_hash, phone_hash, activated_at,
                                         reviewed_at)
-           VALUES ($1, 'active', $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING RETURNING true""",
-        user_id, limit, score, id_number_hash, phone_hash, now))
+           VALUES ($1, $7, $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING RETURNING true""",
+        user_id, limit, score, id_number_hash, phone_hash, now, AccountStatus.ACTIVE.value))
 
 
 async def try_reserve(conn: asyncpg.Connection, user_id: str, amount: int) -> bool:
     """Atomically take `amount` from the available credit: concurrent purchases cannot overdraw."""
     return bool(await conn.fetchval(
         """UPDATE huabei_accounts SET reserved = reserved + $2
-           WHERE user_id = $1 AND status = 'active' AND credit_limit - used - reserved >= $2 RETURNING true""",
-        user_id, amount))
+           WHERE user_id = $1 AND status = $3 AND credit_limit - used - reserved >= $2 RETURNING true""",
+        user_id, amount, AccountStatus.ACTIVE.value))
 
 
 async def move(conn: asyncpg.Connection, user_id: str, *, reserved: int = 0, used: int = 0) -> None:
@@ -155,7 +155,8 @@ async def insert_reservation(conn: asyncpg.Connection, order_id: str, user_id: s
         """INSERT INTO reservations (order_id, user_id, amount, installments, state, reason_code, message, expires_at,
                                      created_at, updated_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)""",
-        order_id, user_id, amount, installments, "refused" if refusal else "reserved",
+        order_id, user_id, amount, installments,
+        (ReservationState.REFUSED if refusal else ReservationState.RESERVED).value,
         refusal[0] if refusal else None, refusal[1] if refusal else None, expires_at, now)
 
 
@@ -170,8 +171,9 @@ async def set_reservation_state(conn: asyncpg.Connection, order_id: str, state: 
 
 
 async def expired_reservations(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:
+    """The state is a literal, not a parameter, so that the planner uses reservations_expiring."""
     rows = await conn.fetch(
-        """SELECT * FROM reservations WHERE state = 'reserved' AND expires_at <= $1
+        f"""SELECT * FROM reservations WHERE state = '{ReservationState.RESERVED}' AND expires_at <= $1
            ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
     return [dict(r) for r in rows]
 

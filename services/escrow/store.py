@@ -41,10 +41,12 @@ async def get(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> Escrow 
 
 async def lock_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[Escrow]:
     """Holds whose auto-confirm time has come, skipping those a handler is working on right now
-    (the next tick sees them again, released or not)."""
+    (the next tick sees them again, released or not). The status is a literal so that the planner
+    uses the partial index escrows_auto_confirm_due."""
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM escrows
-            WHERE status = 'HELD' AND auto_confirm_at <= $1 AND amount - refunded_from_hold - released_gross > 0
+            WHERE status = '{Status.HELD}' AND auto_confirm_at <= $1
+                  AND amount - refunded_from_hold - released_gross > 0
             ORDER BY auto_confirm_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
     return [_escrow(r) for r in rows]
 
