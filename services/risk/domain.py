@@ -38,11 +38,20 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from enum import StrEnum
 from typing import Any, Mapping
 
 from shared.settings import SettingsError, env as env_text, env_int
 
-APPROVE, REVIEW, REJECT = "approve", "review", "reject"
+class Outcome(StrEnum):
+    """A rule's outcome and the decision (RiskDecided.decision); state read back from the
+    changelog holds the plain strings, which compare equal."""
+    APPROVE = "approve"
+    REVIEW = "review"
+    REJECT = "reject"
+
+
+APPROVE, REVIEW, REJECT = Outcome.APPROVE, Outcome.REVIEW, Outcome.REJECT
 
 BUYER_VELOCITY = "buyer_velocity"
 BUYER_DAILY_AMOUNT = "buyer_daily_amount"
@@ -50,7 +59,7 @@ CARD_DECLINE_BURST = "card_decline_burst"
 NEW_BUYER_LARGE_AMOUNT = "new_buyer_large_amount"
 
 # rule name -> outcome when it fires, in the order rules are listed in decisions.
-RULES: dict[str, str] = {
+RULES: dict[str, Outcome] = {
     BUYER_VELOCITY: REJECT,
     BUYER_DAILY_AMOUNT: REJECT,
     CARD_DECLINE_BURST: REJECT,
@@ -144,13 +153,13 @@ class Windows:
 @dataclass(frozen=True)
 class Fired:
     rule: str
-    outcome: str
+    outcome: Outcome
     detail: str
 
 
 @dataclass(frozen=True)
 class Decision:
-    decision: str
+    decision: Outcome
     rules: tuple[str, ...]
     message: str
 
