@@ -27,26 +27,19 @@ def deps(settings: Settings) -> Deps:
 
 def subscriptions(ctx: Context) -> list[Subscription]:
     order_event = partial(handlers.order_event, ctx)
-    escrow = {
-        "FundsHeld": handlers.funds_held,
-        "HoldRefused": handlers.hold_refused,
-        "EscrowReleased": handlers.escrow_released,
-        "EscrowRefunded": handlers.escrow_refunded,
-        "ClawbackRequested": handlers.clawback_requested,
-        "EscrowRefundRejected": handlers.escrow_refund_rejected,
-    }
-    credit = {"CreditReserved": handlers.credit_reserved, "CreditRefused": handlers.credit_refused,
-              "DrawdownCommitted": handlers.drawdown_committed}
+    answer = partial(handlers.saga_answer, ctx)  # the answers the saga core decides on
+    escrow = {t: answer for t in ("FundsHeld", "HoldRefused", "EscrowReleased", "EscrowRefunded", "ClawbackRequested")}
+    escrow["EscrowRefundRejected"] = partial(handlers.escrow_refund_rejected, ctx)
+    credit = {t: answer for t in ("CreditReserved", "CreditRefused", "DrawdownCommitted")}
     billing = {"RepaymentAllocated": repayments.repayment_allocated,
                "OverpaymentRefunded": repayments.overpayment_refunded}
     return [
         Subscription(topics.ORDERS, {t: order_event for t in SCHEMAS[topics.ORDERS]},
                      batch_handlers={"OrderPlaced": partial(handlers.orders_placed, ctx)}),
-        Subscription(topics.ESCROW_EVENTS, {t: partial(h, ctx) for t, h in escrow.items()},
-                     batch_handlers={"FundsHeld": partial(handlers.funds_held_many, ctx)}),
-        Subscription(topics.CREDIT_EVENTS, {t: partial(h, ctx) for t, h in credit.items()}),
+        Subscription(topics.ESCROW_EVENTS, escrow, batch_handlers={"FundsHeld": partial(handlers.funds_held_many, ctx)}),
+        Subscription(topics.CREDIT_EVENTS, credit),
         Subscription(topics.BILLING_EVENTS, {t: partial(h, ctx) for t, h in billing.items()}),
-        Subscription(topics.RISK_DECISIONS, {"RiskDecided": partial(handlers.risk_decided, ctx)},
+        Subscription(topics.RISK_DECISIONS, {"RiskDecided": answer},
                      batch_handlers={"RiskDecided": partial(handlers.risk_decisions, ctx)}),
     ]
 

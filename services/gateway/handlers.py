@@ -210,10 +210,6 @@ async def order_placed(ctx: Context, conn: asyncpg.Connection, env: Envelope, or
     await release_parked(ctx, conn, [order.order_id])
 
 
-async def risk_decided(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: RiskDecided) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
 async def review_decided(ctx: Context, conn: asyncpg.Connection, order_id: str, approve: bool) -> bool:
     """An operator's decision on a payment held for review; False when it is not in review."""
     row = await store.lock_payment(conn, order_id)
@@ -241,36 +237,14 @@ async def saga_step(ctx: Context, conn: asyncpg.Connection, row: dict) -> None:
     await apply(ctx, conn, p, saga.decide(p, event, ctx.clock.now(), ctx.deps.rules), event, cause=None)
 
 
-# ---------------------------------------------------------------- escrow's and credit's answers
-async def funds_held(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: FundsHeld) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
+# ---------------------------------------------------------------- the risk engine's, escrow's and credit's answers
+SagaAnswer = (RiskDecided | FundsHeld | HoldRefused | EscrowReleased | EscrowRefunded | ClawbackRequested
+              | CreditReserved | CreditRefused | DrawdownCommitted)
 
 
-async def hold_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: HoldRefused) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
-async def escrow_released(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowReleased) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
-async def escrow_refunded(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: EscrowRefunded) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
-async def clawback_requested(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: ClawbackRequested) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
-async def credit_reserved(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditReserved) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
-async def credit_refused(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: CreditRefused) -> None:
-    await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
-
-
-async def drawdown_committed(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: DrawdownCommitted) -> None:
+async def saga_answer(ctx: Context, conn: asyncpg.Connection, env: Envelope, e: SagaAnswer) -> None:
+    """An event `saga.decide` takes as it comes, one by one: its payment locked, decided on, the
+    decision applied."""
     await _decide(ctx, conn, e.order_id, e, cause=env.event_id)
 
 
