@@ -1,7 +1,7 @@
 """Settings from the environment (docs/contract.md §1 and §5). Nothing secret has a default.
 
 Every setting is read with one of the typed helpers below (`env`, `env_int`,
-`env_non_negative_int`, `env_percent`, `env_bool`, `env_choice`, `env_zone`): unset or blank
+`env_non_negative_int`, `env_percent`, `env_fraction`, `env_bool`, `env_choice`, `env_zone`): unset or blank
 means the default, and a bad value is one SettingsError naming the variable, so a service stops
 at start-up with a one-line error rather than at the first request that needs it."""
 from __future__ import annotations
@@ -77,6 +77,20 @@ def env_percent(name: str, default: Decimal, *, environ: Environ | None = None) 
     if rate is None or not rate.is_finite() or not 0 <= rate <= 1:
         raise SettingsError(f"{name} must be a percent between 0 and 100, not {raw!r}")
     return rate
+
+
+def env_fraction(name: str, default: float, *, environ: Environ | None = None) -> float:
+    """A number from 0 to 1 (a sampling ratio)."""
+    raw = _raw(name, environ)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise SettingsError(f"{name} must be a number from 0 to 1, not {raw!r}")
+    return value
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

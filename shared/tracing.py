@@ -48,7 +48,7 @@ from opentelemetry import trace
 from opentelemetry.trace import (Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags,
                                  TraceState)
 
-from shared.settings import SettingsError
+from shared.settings import SettingsError, env, env_fraction
 
 ENABLED = False  # set by configure(); every hot-path call site checks it before calling in here
 _tracer: trace.Tracer = trace.NoOpTracer()
@@ -74,20 +74,14 @@ class TracingSettings:
         return {"off": "off", "otlp": "otlp", "file": f"file:{self.path}"}[self.mode]
 
 
-def settings_from_env(service: str, environ: Mapping[str, str] = os.environ) -> TracingSettings:
+def settings_from_env(service: str, environ: Mapping[str, str] | None = None) -> TracingSettings:
     def get(name: str) -> str:
-        return environ.get(name, "").strip()
+        return env(name, "", environ=environ)
 
     raw = get("DANBAO_TRACING")
     low = raw.lower()
     name = get("OTEL_SERVICE_NAME") or f"danbao-{service}"
-    ratio_raw = get("DANBAO_TRACING_SAMPLE_RATIO") or "1"
-    try:
-        ratio = float(ratio_raw)
-    except ValueError:
-        ratio = -1.0
-    if not 0.0 <= ratio <= 1.0:
-        raise SettingsError(f"DANBAO_TRACING_SAMPLE_RATIO must be a number from 0 to 1, not {ratio_raw!r}")
+    ratio = env_fraction("DANBAO_TRACING_SAMPLE_RATIO", 1.0, environ=environ)
     if get("OTEL_SDK_DISABLED").lower() == "true":
         return TracingSettings("off", service_name=name)
     if not raw:
@@ -103,7 +97,7 @@ def settings_from_env(service: str, environ: Mapping[str, str] = os.environ) -> 
 
 
 # ---------------------------------------------------------------- set-up
-def configure(service: str, environ: Mapping[str, str] = os.environ) -> TracingSettings:
+def configure(service: str, environ: Mapping[str, str] | None = None) -> TracingSettings:
     """Read the settings; if tracing is on, start the SDK, its exporter and the asyncpg
     instrumentation. Call once per process, before the clients start."""
     settings = settings_from_env(service, environ)

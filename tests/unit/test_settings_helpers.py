@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from shared.settings import (SettingsError, env, env_bool, env_choice, env_int, env_non_negative_int, env_percent,
-                             env_zone)
+from shared.settings import (SettingsError, env, env_bool, env_choice, env_fraction, env_int, env_non_negative_int,
+                             env_percent, env_zone)
 
 
 @pytest.mark.parametrize("environ", [{}, {"X": ""}, {"X": "   "}])
@@ -19,6 +19,7 @@ def test_unset_or_blank_is_the_default(environ):
     assert env_bool("X", True, environ=environ) is True
     assert env_choice("X", "a", ("a", "b"), environ=environ) == "a"
     assert env_zone("X", "Asia/Shanghai", environ=environ) == "Asia/Shanghai"
+    assert env_fraction("X", 0.5, environ=environ) == 0.5
 
 
 def test_good_values():
@@ -32,6 +33,7 @@ def test_good_values():
     assert [env_bool("X", True, environ={"X": v}) for v in ("false", "0", "No", "OFF")] == [False] * 4
     assert env_choice("X", "a", ("a", "b"), environ={"X": "b"}) == "b"
     assert env_zone("X", "UTC", environ={"X": "Europe/Berlin"}) == "Europe/Berlin"
+    assert env_fraction("X", 1.0, environ={"X": "0.25"}) == 0.25
 
 
 @pytest.mark.parametrize("helper, raw", [
@@ -46,6 +48,9 @@ def test_good_values():
     (lambda e: env_percent("X", Decimal(0), environ=e), "101"),
     (lambda e: env_percent("X", Decimal(0), environ=e), "NaN"),
     (lambda e: env_percent("X", Decimal(0), environ=e), "Infinity"),
+    (lambda e: env_fraction("X", 1.0, environ=e), "half"),
+    (lambda e: env_fraction("X", 1.0, environ=e), "1.5"),
+    (lambda e: env_fraction("X", 1.0, environ=e), "nan"),
     (lambda e: env_bool("X", True, environ=e), "maybe"),
     (lambda e: env_choice("X", "a", ("a", "b"), environ=e), "c"),
     (lambda e: env_zone("X", "UTC", environ=e), "Mars/Olympus"),
