@@ -1,37 +1,11 @@
 """The risk rules and the window state they read: pure functions and dataclasses, no I/O.
 
-The rules (docs/contract.md §5; every threshold is a setting, see `RiskSettings`):
-
-| rule                     | fires when                                                               | outcome |
-|--------------------------|--------------------------------------------------------------------------|---------|
-| `buyer_velocity`         | this request is the buyer's (max+1)-th or later within the window        | reject  |
-| `buyer_daily_amount`     | the buyer's accepted amount in the window plus this amount exceeds max   | reject  |
-| `card_decline_burst`     | the request's card has max or more declines within the window            | reject  |
-| `new_buyer_large_amount` | buyer registered less than N seconds before accepted_at, amount > limit  | review  |
-
-Decision: `reject` if any reject rule fired, else `review` if any review rule fired, else
-`approve`. `rules` lists every rule that fired (in the order of the table above), and the
-message names them with the numbers that made them fire.
-
-Time is the platform's: a request's `accepted_at`, a decline's `declined_at` (never the wall
-clock, never Kafka timestamps). A window of W seconds at time t holds the entries with
-`t - W < ts`, i.e. an entry exactly W seconds old has left it. Entries are counted in the
-order they are processed (the order of the buyer's / card's partition): an entry whose time is
-later than t (an out-of-order arrival) still counts for t. Windows are pruned relative to the
-newest time seen for the key, so an event that arrives more than a window later than newer
-ones sees the window as pruned (the gateway publishes in accepted_at order, so this does not
-happen in practice).
-
-What counts where:
-- `buyer_velocity` counts every request of the buyer (approved, reviewed and rejected).
-- `buyer_daily_amount` counts the amounts of the buyer's approved and reviewed orders; a
-  rejected order does not count.
-- `card_decline_burst` counts `CardDeclined` events of the card token.
-
-State is kept small: rule windows hold exact entries (at most `MAX_ENTRIES` velocity entries
-and decline entries per key, which is far above any sensible threshold); informational
-statistics (per card and per seller, count/amount over 1 min / 1 h / 24 h) use one-minute
-buckets, so they are exact to the minute.
+Four rules (`RULES`), every threshold a setting (`RiskSettings`); the decision is `reject` if a
+reject rule fired, else `review` if a review rule did, else `approve`. Windows follow the
+platform's time as written in the events (`accepted_at`, `declined_at`), never the wall clock;
+an entry exactly W seconds old has left a W-second window. Rule windows hold exact entries (at
+most `MAX_ENTRIES` a key), the informational statistics one-minute buckets. The rules, what
+counts where and the window semantics in full: services/risk/README.md and docs/contract.md §5.
 """
 from __future__ import annotations
 
