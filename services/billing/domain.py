@@ -294,6 +294,13 @@ def charged_overdue_days(due_on: date, now: datetime, rules: BillingRules, *, af
     return [first + timedelta(days=i) for i in range(max(0, (today - first).days))]
 
 
+def late_penalty_through(due_on: date, now: datetime, rules: BillingRules) -> date | None:
+    """For principal posted after its due day: the overdue days already over are not charged
+    (the `after` of `charged_overdue_days`); None when none is over yet."""
+    yesterday = business_date(now, rules) - timedelta(days=1)
+    return yesterday if yesterday > due_on else None
+
+
 def daily_penalty(overdue_principal: int, rules: BillingRules) -> int:
     """One overdue day's penalty: round_half_up(unpaid principal * 0.05 %)."""
     if overdue_principal < 0:

@@ -10,7 +10,7 @@ the contract leaves room, and why this is exactly once, are in docs/design.md ("
 """
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import structlog
@@ -39,12 +39,6 @@ def _rules(ctx: Context) -> domain.BillingRules:
 async def _emit(ctx: Context, conn: asyncpg.Connection, data: Strict, user_id: str, cause: str | None) -> None:
     await outbox.add(conn, topics.BILLING_EVENTS, user_id, events.new_event(
         data, source=SOURCE, occurred_at=ctx.clock.now(), correlation_id=user_id, causation_id=cause or None))
-
-
-def _late_penalty_through(due_on: date, now: datetime, rules: domain.BillingRules) -> date | None:
-    """For principal posted after its due day: the overdue days already over are not charged."""
-    yesterday = domain.business_date(now, rules) - timedelta(days=1)
-    return yesterday if yesterday > due_on else None
 
 
 # ---------------------------------------------------------------- bringing a user up to date
@@ -122,8 +116,8 @@ async def settle(ctx: Context, conn: asyncpg.Connection, account: dict, now: dat
     user_id = account["user_id"]
     oldest = await store.oldest_unpaid_billed_due(conn, user_id)
     account = dict(account)
-    if oldest is not None and domain.business_date(now, rules) > oldest:  # domain.is_overdue
-        days = domain.days_overdue(oldest, now, rules)
+    days = domain.days_overdue(oldest, now, rules) if oldest is not None else 0  # 0: not overdue
+    if days:
         if not account["overdue"] or days > account["days_overdue"]:
             await _emit(ctx, conn, AccountOverdue(user_id=user_id, days_overdue=days, as_of=now), user_id, cause)
             if not account["overdue"]:
@@ -163,7 +157,7 @@ async def _post_to_cycle(ctx: Context, conn: asyncpg.Connection, account: dict, 
         await _ensure_issued(ctx, conn, user_id, period, now)
         log.warning("purchase posted to an issued statement", user_id=user_id, period=str(period))
     await store.add_statement_item(conn, domain.statement_id(user_id, period), user_id, str(period), due, amount,
-                                   billed, _late_penalty_through(due, now, rules))
+                                   billed, domain.late_penalty_through(due, now, rules))
 
 
 async def _create_plan(ctx: Context, conn: asyncpg.Connection, account: dict, plan_id: str, source: PlanSource,
@@ -181,7 +175,8 @@ async def _create_plan(ctx: Context, conn: asyncpg.Connection, account: dict, pl
             await _ensure_issued(ctx, conn, user_id, period, now)
         item_id = f"{plan_id}-{p.period_no}"
         await store.insert_installment_item(conn, item_id, user_id, str(period), p.due_on, plan_id, p.period_no,
-                                            p.principal, p.fee, billed, _late_penalty_through(p.due_on, now, rules))
+                                            p.principal, p.fee, billed,
+                                            domain.late_penalty_through(p.due_on, now, rules))
         if billed:
             await _accrue_fee(conn, await store.get_item(conn, item_id), now)
 

@@ -20,6 +20,7 @@ from services.billing.domain import (INSTALLMENT_PERIODS, BillingRules, Installm
                                      apply_refund_to_statement, business_date, charged_overdue_days,
                                      conversion_refusal, cycle_of, daily_penalty, fee_accrued,
                                      first_due_for_purchase, installment_fee, installment_plan, is_overdue,
+                                     late_penalty_through,
                                      next_check_at, overdue_day_charged_at, periods_to_issue, bills_anything,
                                      statement_due_date, statement_issue_at, statement_issue_date, statement_status)
 
@@ -310,6 +311,9 @@ def test_overdue_boundaries_and_timers():
     assert charged_overdue_days(due, datetime(2026, 12, 12, tzinfo=CST) - timedelta(microseconds=1), RULES) == []
     assert charged_overdue_days(due, datetime(2026, 12, 12, tzinfo=CST), RULES) == [date(2026, 12, 11)]
     assert overdue_day_charged_at(date(2026, 12, 11), RULES) == datetime(2026, 12, 12, tzinfo=CST)
+    # Principal posted late (on the 13th): the 11th and 12th are over and not charged for it.
+    assert late_penalty_through(due, datetime(2026, 12, 11, 12, tzinfo=CST), RULES) is None
+    assert late_penalty_through(due, datetime(2026, 12, 13, 12, tzinfo=CST), RULES) == date(2026, 12, 12)
     # The billing timer wakes when the item becomes overdue, then as each overdue day ends.
     later = Period(2027, 6)  # no statement to issue before then
     assert next_check_at(later, due, datetime(2026, 12, 1, tzinfo=CST), RULES) == datetime(2026, 12, 11, tzinfo=CST)
