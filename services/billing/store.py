@@ -5,6 +5,8 @@ from datetime import date, datetime
 
 import asyncpg
 
+from services.billing.domain import ItemKind
+
 Conn = asyncpg.Connection | asyncpg.Pool
 
 # What is still owed on an item, in SQL.
@@ -132,10 +134,10 @@ async def add_statement_item(conn: asyncpg.Connection, item_id: str, user_id: st
     posting after the due day, the overdue days already over, which its principal is not charged for."""
     await conn.execute(
         """INSERT INTO items (item_id, user_id, kind, period, due_on, billed, principal, penalty_through)
-           VALUES ($1, $2, 'statement', $3, $4, $5, $6, $7)
+           VALUES ($1, $2, $8, $3, $4, $5, $6, $7)
            ON CONFLICT (item_id) DO UPDATE SET principal = items.principal + EXCLUDED.principal,
                penalty_through = GREATEST(items.penalty_through, EXCLUDED.penalty_through)""",
-        item_id, user_id, period, due_on, billed, amount, penalty_through)
+        item_id, user_id, period, due_on, billed, amount, penalty_through, ItemKind.STATEMENT.value)
 
 
 async def insert_installment_item(conn: asyncpg.Connection, item_id: str, user_id: str, period: str, due_on: date,
@@ -144,8 +146,9 @@ async def insert_installment_item(conn: asyncpg.Connection, item_id: str, user_i
     await conn.execute(
         """INSERT INTO items (item_id, user_id, kind, period, due_on, plan_id, period_no, billed, principal, fee,
                               penalty_through)
-           VALUES ($1, $2, 'installment', $3, $4, $5, $6, $7, $8, $9, $10)""",
-        item_id, user_id, period, due_on, plan_id, period_no, billed, principal, fee, penalty_through)
+           VALUES ($1, $2, $11, $3, $4, $5, $6, $7, $8, $9, $10)""",
+        item_id, user_id, period, due_on, plan_id, period_no, billed, principal, fee, penalty_through,
+        ItemKind.INSTALLMENT.value)
 
 
 async def get_item(conn: asyncpg.Connection, item_id: str, *, lock: bool = True) -> dict | None:
@@ -216,8 +219,8 @@ async def owed_items(conn: asyncpg.Connection, user_id: str) -> list[dict]:
         """SELECT i.* FROM items i LEFT JOIN plans p USING (plan_id)
            WHERE i.user_id = $1
              AND (i.principal - i.principal_paid) + (i.fee - i.fee_paid) + (i.penalty - i.penalty_paid) > 0
-           ORDER BY i.due_on, i.kind <> 'statement', p.created_at, i.plan_id, i.period_no FOR UPDATE OF i""",
-        user_id)
+           ORDER BY i.due_on, i.kind <> $2, p.created_at, i.plan_id, i.period_no FOR UPDATE OF i""",
+        user_id, ItemKind.STATEMENT.value)
     return [dict(r) for r in rows]
 
 
@@ -239,7 +242,8 @@ async def period_totals(conn: Conn, user_id: str) -> dict[str, dict]:
 
 async def items_of_user(conn: Conn, user_id: str) -> list[dict]:
     return [dict(r) for r in await conn.fetch(
-        "SELECT * FROM items WHERE user_id = $1 ORDER BY due_on, kind <> 'statement', plan_id, period_no", user_id)]
+        "SELECT * FROM items WHERE user_id = $1 ORDER BY due_on, kind <> $2, plan_id, period_no", user_id,
+        ItemKind.STATEMENT.value)]
 
 
 # ---------------------------------------------------------------- refunds
