@@ -13,7 +13,7 @@ import asyncpg
 import structlog
 
 from services.credit import domain, store
-from shared import events, ledger, outbox, timers, topics
+from shared import events, ledger, outbox, timers, topics, tracing
 from shared.events import (AccountOverdue, AccountSettled, CancelCredit, CommitCredit, Envelope, OverpaymentRefunded,
                            PaymentSucceeded, RepaymentApplied, ReserveCredit, RestoreCredit, UserRegistered)
 from shared.runtime import Context
@@ -68,13 +68,14 @@ async def payments_succeeded(ctx: Context, conn: asyncpg.Connection, items: list
 # The rules are domain.on_reserve / on_commit / on_cancel / on_expire / on_restore (pure); these
 # load the reservation, decide and apply the decision in one place (`_apply`).
 async def _apply(ctx: Context, conn: asyncpg.Connection, d: domain.CreditDecision, user_id: str, order_id: str, *,
-                 new: bool = False, cause: str | None) -> None:
+                 new: bool = False, cause: str | None, traceparent: str | None = None) -> None:
+    """`traceparent` (tracing on, a new reservation): the order's context, kept for the expiry timer."""
     now = ctx.clock.now()
     r = d.reservation
     if r is not None and new:
         refusal = (r.reason_code, r.message) if r.state is domain.ReservationState.REFUSED else None
         await store.insert_reservation(conn, r.order_id, r.user_id, r.amount, r.installments, r.expires_at, now,
-                                       refusal=refusal)
+                                       refusal=refusal, traceparent=traceparent)
     elif r is not None:
         await store.set_reservation_state(conn, r.order_id, r.state.value, now, reason_code=r.reason_code,
                                           message=r.message, committed_at=r.committed_at)
@@ -105,7 +106,9 @@ async def reserve_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, 
         refusal = domain.reservation_refusal(store.line_of(await store.get_account(conn, c.user_id)), c.amount)
         refusal = refusal or ("CREDIT_LIMIT_EXCEEDED", "the available credit is too small")
         d = domain.new_reservation(c, now, ttl, refusal)
-    await _apply(ctx, conn, d, c.user_id, c.order_id, new=True, cause=env.event_id)
+    # Tracing on: the reservation keeps the order's context, for its expiry later.
+    traceparent = tracing.traceparent_for(env.event_id, c.order_id) if tracing.ENABLED else None
+    await _apply(ctx, conn, d, c.user_id, c.order_id, new=True, cause=env.event_id, traceparent=traceparent)
 
 
 async def commit_credit(ctx: Context, conn: asyncpg.Connection, env: Envelope, c: CommitCredit) -> None:
@@ -142,9 +145,21 @@ async def expire_reservations(ctx: Context, batch: int = 100) -> int:
         expired = await store.expired_reservations(conn, now, batch)
         for row in expired:
             r = domain.Reservation.from_row(row)
-            await _apply(ctx, conn, domain.on_expire(r, now), r.user_id, r.order_id, cause=None)
-            log.info("reservation expired; credit freed", order_id=r.order_id, amount=r.amount)
+            # Tracing on: the expiry resumes the order's trace (kept on the reservation), so the
+            # credit freed (its statements, its log line) shows in the order's trace.
+            if not tracing.ENABLED:
+                await _expire(ctx, conn, r, now)
+                continue
+            with tracing.resuming(row.get("traceparent"), "reservation expiry",
+                                  {"danbao.correlation_id": r.order_id}) as trace_ids, \
+                    structlog.contextvars.bound_contextvars(**trace_ids):
+                await _expire(ctx, conn, r, now)
     return len(expired)
+
+
+async def _expire(ctx: Context, conn: asyncpg.Connection, r: domain.Reservation, now) -> None:
+    await _apply(ctx, conn, domain.on_expire(r, now), r.user_id, r.order_id, cause=None)
+    log.info("reservation expired; credit freed", order_id=r.order_id, amount=r.amount)
 
 
 # ---------------------------------------------------------------- billing's news

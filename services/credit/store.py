@@ -150,14 +150,16 @@ async def get_reservation(conn: asyncpg.Connection, order_id: str) -> dict | Non
 
 
 async def insert_reservation(conn: asyncpg.Connection, order_id: str, user_id: str, amount: int, installments: int,
-                             expires_at: datetime, now: datetime, *, refusal: tuple[str, str] | None = None) -> None:
+                             expires_at: datetime, now: datetime, *, refusal: tuple[str, str] | None = None,
+                             traceparent: str | None = None) -> None:
+    """`traceparent` (tracing on only): the order's trace context, kept for the expiry timer."""
     await conn.execute(
         """INSERT INTO reservations (order_id, user_id, amount, installments, state, reason_code, message, expires_at,
-                                     created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)""",
+                                     created_at, updated_at, traceparent)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)""",
         order_id, user_id, amount, installments,
         (ReservationState.REFUSED if refusal else ReservationState.RESERVED).value,
-        refusal[0] if refusal else None, refusal[1] if refusal else None, expires_at, now)
+        refusal[0] if refusal else None, refusal[1] if refusal else None, expires_at, now, traceparent)
 
 
 async def set_reservation_state(conn: asyncpg.Connection, order_id: str, state: str, now: datetime, *,
@@ -171,7 +173,9 @@ async def set_reservation_state(conn: asyncpg.Connection, order_id: str, state: 
 
 
 async def expired_reservations(conn: asyncpg.Connection, now: datetime, limit: int) -> list[dict]:
-    """The state is a literal, not a parameter, so that the planner uses reservations_expiring."""
+    """Reservations past their expiry, locked, each with its kept traceparent (NULL unless
+    tracing was on when it was made). The state is a literal, not a parameter, so that the
+    planner uses reservations_expiring."""
     rows = await conn.fetch(
         f"""SELECT * FROM reservations WHERE state = '{ReservationState.RESERVED}' AND expires_at <= $1
            ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)

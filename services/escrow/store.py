@@ -39,35 +39,51 @@ async def get(conn: asyncpg.Connection | asyncpg.Pool, order_id: str) -> Escrow 
     return _escrow(await conn.fetchrow(f"SELECT {_COLUMNS} FROM escrows WHERE order_id = $1", order_id))
 
 
-async def lock_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[Escrow]:
+async def lock_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[tuple[Escrow, str | None]]:
     """Holds whose auto-confirm time has come, skipping those a handler is working on right now
-    (the next tick sees them again, released or not). The status is a literal so that the planner
-    uses the partial index escrows_auto_confirm_due."""
+    (the next tick sees them again, released or not), each with its kept traceparent (NULL
+    unless tracing was on when it was held). The status is a literal so that the planner uses
+    the partial index escrows_auto_confirm_due."""
     rows = await conn.fetch(
-        f"""SELECT {_COLUMNS} FROM escrows
+        f"""SELECT {_COLUMNS}, traceparent FROM escrows
             WHERE status = '{Status.HELD}' AND auto_confirm_at <= $1
                   AND amount - refunded_from_hold - released_gross > 0
             ORDER BY auto_confirm_at LIMIT $2 FOR UPDATE SKIP LOCKED""", now, limit)
-    return [_escrow(r) for r in rows]
+    return [(_escrow(r), r["traceparent"]) for r in rows]
 
 
-_SAVE = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at)
-            VALUES ({", ".join(f"${i}" for i in range(1, len(_FIELDS) + 1))}, ${len(_FIELDS) + 1}, ${len(_FIELDS) + 1})
+_N = len(_FIELDS)
+_SAVE_ANY = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at{{traced}})
+            VALUES ({", ".join(f"${i}" for i in range(1, _N + 1))}, ${_N + 1}, ${_N + 1}{{param}})
             ON CONFLICT (order_id) DO UPDATE SET {", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")},
                 updated_at = EXCLUDED.updated_at"""
+_SAVE = _SAVE_ANY.format(traced="", param="")
+# A new hold with its order's trace context; an existing row keeps the one it has.
+_SAVE_TRACED = _SAVE_ANY.format(traced=", traceparent", param=f", ${_N + 2}")
 
 
 def _values(escrow: Escrow) -> list:
     return [v.value if isinstance(v, Status) else v for v in (getattr(escrow, f) for f in _FIELDS)]
 
 
-async def save(conn: asyncpg.Connection, escrow: Escrow, now: datetime) -> None:
-    await conn.execute(_SAVE, *_values(escrow), now)
+async def save(conn: asyncpg.Connection, escrow: Escrow, now: datetime, traceparent: str | None = None) -> None:
+    """`traceparent` (tracing on only): the order's trace context, kept for the auto-confirm timer."""
+    if traceparent is None:
+        await conn.execute(_SAVE, *_values(escrow), now)
+    else:
+        await conn.execute(_SAVE_TRACED, *_values(escrow), now, traceparent)
 
 
-async def save_many(conn: asyncpg.Connection, escrows: list[Escrow], now: datetime) -> None:
-    if escrows:
+async def save_many(conn: asyncpg.Connection, escrows: list[Escrow], now: datetime,
+                    traceparents: list[str | None] | None = None) -> None:
+    """`save` for many; `traceparents` (tracing on only): each escrow's, in the same order;
+    without them the statement stays as it was."""
+    if not escrows:
+        return
+    if traceparents is None:
         await conn.executemany(_SAVE, [(*_values(e), now) for e in escrows])
+    else:
+        await conn.executemany(_SAVE_TRACED, [(*_values(e), now, t) for e, t in zip(escrows, traceparents, strict=True)])
 
 
 async def get_refund(conn: asyncpg.Connection, order_id: str, refund_id: str) -> Refund | None:

@@ -246,3 +246,71 @@ async def test_orders_applied_as_a_set_each_keep_their_own_trace(spans_file, sho
     linked = {link["trace_id"] for s in sets for link in s["links"]}
     receive = {s["trace_id"] for s in spans if s["name"] == "receive orders.events"}
     assert linked & traces and linked & traces <= receive
+
+
+async def test_timer_driven_releases_and_expiries_stay_in_the_orders_trace(spans_file, shop, kafka):
+    """Escrow's auto-confirm and credit's reservation expiry act on an order later, on their own
+    timers: each resumes the order's trace kept on the hold (the reservation), so the release,
+    the EscrowReleased it emits and the FundsReleased outcome, and the freed credit, are in the
+    order's trace."""
+    buyer, seller = await shop.user("buyer", balance=5_000), await shop.user("seller")
+    order_id = new_id("o")
+    traceparent, trace_id, _ = shop_traceparent()
+    since = await kafka.end_offsets("payments.events")
+    await send_traced(kafka, "OrderPlaced", {"order_id": order_id, "buyer_id": buyer, "seller_id": seller,
+                                             "amount": 1_000, "currency": "CNY", "payment_method": "balance",
+                                             "auto_confirm_days": 1}, traceparent)
+    assert [e["type"] for e in await shop.events(order_id, 1, timeout=60)] == ["PaymentSucceeded"]
+    await shop.send("OrderShipped", {"order_id": order_id})  # untraced: the timer's trace is the hold's
+
+    async def timer_set():
+        return (await shop.escrow(order_id)).get("auto_confirm_at")
+    await eventually(timer_set, timeout=30)
+
+    # A Huabei reservation nobody commits (a gateway that went away): credit's timer expires it.
+    huabei = await shop.user("hb")
+    await shop.activate(huabei)
+    reserved = new_id("o")
+    reserve_parent, reserve_trace, _ = shop_traceparent()
+    await kafka.producer.send_and_wait(
+        "credit.commands", json.dumps(envelope("ReserveCredit", {"order_id": reserved, "user_id": huabei,
+                                                                 "amount": 1_000, "installments": 1})).encode(),
+        key=reserved.encode(), headers=[("traceparent", reserve_parent.encode())])
+
+    async def line_reserved():
+        return (await shop.huabei(huabei))["reserved"] == 1_000
+    await eventually(line_reserved, timeout=30)
+
+    await shop.advance_clock(86_400 + 1)  # past the auto-confirm time and the reservation's expiry
+    events = await shop.events(order_id, 2, timeout=60)
+    assert [(e["type"], e["data"].get("trigger")) for e in events] == [("PaymentSucceeded", None),
+                                                                        ("FundsReleased", "auto_confirm")]
+
+    def trace_of(trace: str) -> list[dict]:
+        return [s for s in read_spans(spans_file) if s["trace_id"] == trace]
+
+    async def released():
+        trace = trace_of(trace_id)
+        return [s for s in trace if s["name"] == "process escrow.events"
+                and s["attributes"]["danbao.event_type"] == "EscrowReleased"] and trace
+    trace = await eventually(released, timeout=30)
+    by_id = {s["span_id"]: s for s in trace}
+    [auto] = [s for s in trace if s["name"] == "auto-confirm"]
+    assert auto["service"] == "danbao-escrow" and auto["attributes"]["danbao.correlation_id"] == order_id
+    # The hold's context: its HoldFunds record, or the span that consumed it.
+    assert by_id[auto["parent_span_id"]]["name"] in ("send escrow.commands", "process escrow.commands")
+    assert [s for s in trace if s["name"] == "send escrow.events" and s["parent_span_id"] == auto["span_id"]]
+    records = await kafka.read("payments.events", since,
+                               lambda rs: len([r for r in rs if r.key == order_id.encode()]) >= 2)
+    outcomes = [r for r in records if r.key == order_id.encode()]
+    assert [dict(r.headers)["traceparent"].decode().split("-")[1] for r in outcomes] == [trace_id, trace_id]
+
+    async def expired():
+        return (await shop.huabei(huabei))["reserved"] == 0 and \
+            [s for s in trace_of(reserve_trace) if s["name"] == "reservation expiry"]
+    [expiry] = await eventually(expired, timeout=30)
+    assert expiry["service"] == "danbao-credit" and expiry["attributes"]["danbao.correlation_id"] == reserved
+    assert expiry["parent_span_id"] in {s["span_id"] for s in trace_of(reserve_trace)
+                                        if s["name"] == "process credit.commands"} | {reserve_parent.split("-")[2]}
+    # Its statements (the freed credit) are its children.
+    assert [s for s in trace_of(reserve_trace) if s["kind"] == "CLIENT" and s["parent_span_id"] == expiry["span_id"]]
