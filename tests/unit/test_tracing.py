@@ -258,6 +258,175 @@ async def test_payments_keep_their_context_only_with_tracing_on():
     assert "traceparent" in on_sql and "$18" in on_sql and [r[17] for r in on_rows] == [TRACEPARENT, None]
 
 
+
+# Escrow's auto-confirm and credit's expiry resume the order's trace the same way.
+class _Conn:
+    """Records the statements the escrow store sends (execute, executemany)."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def execute(self, sql, *args):
+        self.calls.append((sql, args))
+
+    async def executemany(self, sql, rows):
+        self.calls.append((sql, rows))
+
+    def transaction(self):
+        return _Nothing()
+
+
+class _Nothing:
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+def _hold(order_id: str):
+    from shared.events import HoldFunds
+
+    return HoldFunds(order_id=order_id, payment_id=f"p-{order_id}", buyer_id="b", seller_id="s", amount=100,
+                     payment_method="balance", installments=1, auto_confirm_days=1)
+
+
+async def test_holds_keep_their_context_only_with_tracing_on():
+    """escrow's save / save_many are the statements they were when tracing is off; on, a new hold
+    gets its traceparent (an existing row keeps its own: the upsert does not touch it)."""
+    from datetime import datetime, timezone
+
+    from services.escrow import domain, store
+
+    now = datetime(2026, 11, 29, tzinfo=timezone.utc)
+    escrows = [domain.on_hold(None, _hold(o)).escrow for o in ("o-1", "o-2")]
+    conn = _Conn()
+    await store.save(conn, escrows[0], now)
+    await store.save(conn, escrows[0], now, TRACEPARENT)
+    await store.save_many(conn, escrows, now)
+    await store.save_many(conn, escrows, now, [TRACEPARENT, None])
+    (off, off_args), (on, on_args), (many_off, off_rows), (many_on, on_rows) = conn.calls
+    assert off == many_off == store._SAVE and "traceparent" not in off
+    assert on == many_on == store._SAVE_TRACED and on_args[-1] == TRACEPARENT
+    assert [r[-1] for r in on_rows] == [TRACEPARENT, None] and {len(r) for r in off_rows} == {len(off_args)}
+    assert "traceparent = " not in on.split("DO UPDATE", 1)[1]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+async def test_the_set_path_gives_each_new_hold_its_own_records_context(traced, monkeypatch):
+    from datetime import datetime, timezone
+
+    from services.escrow import handlers, store
+    from shared import ledger, outbox
+
+    saved = []
+
+    async def nothing(*args, **kwargs):
+        return {}
+
+    async def save_many(conn, escrows, now, traceparents=None):
+        saved.append(([e.order_id for e in escrows], traceparents))
+
+    monkeypatch.setattr(store, "lock_many", nothing)
+    monkeypatch.setattr(store, "save_many", save_many)
+    monkeypatch.setattr(ledger, "transfer_many", nothing)
+    monkeypatch.setattr(outbox, "add_many", nothing)
+    ctx = SimpleNamespace(clock=SimpleNamespace(now=lambda: datetime(2026, 11, 29, tzinfo=timezone.utc)))
+    items = [(SimpleNamespace(event_id=f"e-{o}", correlation_id=o), _hold(o)) for o in ("o-1", "o-2")]
+    if traced:
+        exporter = InMemorySpanExporter()
+        tracing.enable("danbao-test", SimpleSpanProcessor(exporter))
+    try:
+        run = [decoded("e-o-1", "o-1"), decoded("e-o-2", "o-2", [("traceparent", TRACEPARENT.encode())])]
+        with tracing.set_run("escrow.commands", "HoldFunds", run):
+            assert await handlers.holds(ctx, _Conn(), items) == []
+    finally:
+        tracing.shutdown()
+    [(orders, traceparents)] = saved
+    assert orders == ["o-1", "o-2"]
+    if not traced:
+        assert traceparents is None
+        return
+    receive = next(s for s in exporter.get_finished_spans() if s.name == "receive escrow.commands")
+    assert traceparents[0].startswith(f"00-{receive.context.trace_id:032x}-") and traceparents[1] == TRACEPARENT
+
+
+@pytest.mark.parametrize("traced", [False, True])
+async def test_auto_confirm_resumes_each_holds_kept_context(traced, monkeypatch):
+    """Each due hold is released inside its own kept context (none for a hold kept without one);
+    with tracing off, no span and no lookup at all."""
+    from contextlib import asynccontextmanager
+    from datetime import datetime, timezone
+
+    from services.escrow import domain, handlers, store
+
+    held = [domain.on_hold(None, _hold(o)).escrow for o in ("o-1", "o-2")]
+
+    async def lock_due(conn, now, limit):
+        return [(held[0], TRACEPARENT), (held[1], None)]
+
+    seen = {}
+
+    async def apply(ctx, conn, order_id, decision, cause, traceparent=None):
+        seen[order_id] = dict(tracing.inject()).get("traceparent")
+
+    @asynccontextmanager
+    async def acquire():
+        yield _Conn()
+
+    monkeypatch.setattr(store, "lock_due", lock_due)
+    monkeypatch.setattr(handlers, "apply", apply)
+    ctx = SimpleNamespace(clock=SimpleNamespace(now=lambda: datetime(2026, 11, 29, tzinfo=timezone.utc)),
+                          pool=SimpleNamespace(acquire=acquire))
+    if traced:
+        exporter = InMemorySpanExporter()
+        tracing.enable("danbao-test", SimpleSpanProcessor(exporter))
+    try:
+        assert await handlers.release_due(ctx, domain.FeeRates.from_env({})) == (2, 2)
+    finally:
+        tracing.shutdown()
+    if not traced:
+        assert seen == {"o-1": None, "o-2": None}
+        return
+    [span] = exporter.get_finished_spans()
+    assert (span.name, f"{span.parent.span_id:016x}", span.attributes["danbao.correlation_id"]) == (
+        "auto-confirm", PARENT, "o-1")
+    assert seen == {"o-1": f"00-{TRACE}-{span.context.span_id:016x}-01".encode(), "o-2": None}
+
+
+
+async def test_reservation_expiry_resumes_each_reservations_kept_context(spans, monkeypatch):
+    from contextlib import asynccontextmanager
+    from datetime import datetime, timezone
+
+    from services.credit import handlers, store
+
+    now = datetime(2026, 11, 29, tzinfo=timezone.utc)
+    rows = [{"order_id": o, "user_id": "u", "amount": 100, "installments": 1, "state": "reserved", "expires_at": now,
+             "reason_code": None, "message": None, "committed_at": None, "traceparent": t}
+            for o, t in (("o-1", TRACEPARENT), ("o-2", None))]
+    seen = {}
+
+    async def expired_reservations(conn, at, limit):
+        return rows
+
+    async def apply(ctx, conn, d, user_id, order_id, **kwargs):
+        seen[order_id] = dict(tracing.inject()).get("traceparent")
+
+    @asynccontextmanager
+    async def acquire():
+        yield _Conn()
+
+    monkeypatch.setattr(store, "expired_reservations", expired_reservations)
+    monkeypatch.setattr(handlers, "_apply", apply)
+    ctx = SimpleNamespace(clock=SimpleNamespace(now=lambda: now), pool=SimpleNamespace(acquire=acquire))
+    assert await handlers.expire_reservations(ctx) == 2
+    [span] = spans.get_finished_spans()
+    assert (span.name, f"{span.parent.span_id:016x}", span.attributes["danbao.correlation_id"]) == (
+        "reservation expiry", PARENT, "o-1")
+    assert seen == {"o-1": f"00-{TRACE}-{span.context.span_id:016x}-01".encode(), "o-2": None}
+
+
 # ---------------------------------------------------------------- the relay
 def test_the_relay_sends_the_producer_spans_traceparent_in_place(spans):
     stored = [("traceparent", TRACEPARENT.encode()), ("error.code", b"HANDLER_ERROR")]
