@@ -25,7 +25,9 @@ How the context travels (docs/design.md, "Tracing"):
 - Timers: the gateway keeps each payment's context (its OrderPlaced record's, as its outbox rows
   would get it) in `payments.traceparent`; the saga worker runs each step for the payment in a
   `saga step` span, child of that context (`resuming`), so the card charge, the re-sent
-  commands and the timeouts it emits stay in the order's trace.
+  commands and the timeouts it emits stay in the order's trace. Escrow (a hold's
+  `escrows.traceparent`, from its HoldFunds) and credit (a reservation's, from its
+  ReserveCredit) do the same for the auto-confirm release and the reservation expiry.
 - Logs: the consumer binds `trace_id` / `span_id` next to `correlation_id` per record; HTTP
   requests bind `correlation_id` (X-Correlation-ID, else the path's first *_id) and `trace_id`.
 
@@ -315,7 +317,7 @@ def end_all(spans: list, error: BaseException | None = None) -> None:
 # ---------------------------------------------------------------- timers: work resumed later
 def traceparent_for(event_id: str, correlation_id: str | None) -> str | None:
     """The traceparent to keep with state created now by record `event_id` (the payment row of
-    an OrderPlaced), so that steps a timer drives later resume its trace: the context its
+    an OrderPlaced, the hold of a HoldFunds, the reservation of a ReserveCredit), so that steps a timer drives later resume its trace: the context its
     outbox rows get (outbox_headers). None without one. Call with tracing on only."""
     for key, value in outbox_headers({"causation_id": event_id, "correlation_id": correlation_id}):
         if key == "traceparent":
