@@ -142,7 +142,10 @@ def user_token(user_id: str, expires_in: int = 3600) -> str:
 @pytest.fixture(scope="session")
 async def api(services) -> Callable[[str], httpx.AsyncClient]:
     """api("gateway") -> an HTTP client for that service with the operator token."""
-    clients = {n: httpx.AsyncClient(base_url=url_of(n), timeout=10, headers={"Authorization": f"Bearer {API_TOKEN}"})
+    # Longer than the longest wait a service may take on purpose (billing waits up to 12 s for a
+    # user its projection does not know yet, then answers 404): a slow answer fails its own
+    # assertion, not the HTTP client.
+    clients = {n: httpx.AsyncClient(base_url=url_of(n), timeout=30, headers={"Authorization": f"Bearer {API_TOKEN}"})
                for n in SERVICES}
     yield clients.__getitem__
     for c in clients.values():
