@@ -102,7 +102,6 @@ class ConsumerLoop:
 
     async def run(self) -> None:
         await self.consumer.start()
-        committing: asyncio.Task | None = None
         try:
             while True:
                 batch = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
@@ -119,16 +118,8 @@ class ConsumerLoop:
                         self.consumer.seek(tp, records[0].offset)
                     await asyncio.sleep(1)
                     continue
-                # Offsets are committed in the background, one commit at a time and in order: the
-                # next batch need not wait for the broker's answer, since a record applied but not
-                # yet committed is only delivered again, and the inbox ignores it then.
-                if committing is not None:
-                    await committing
-                committing = asyncio.create_task(
-                    self._commit({tp: records[-1].offset + 1 for tp, records in batch.items()}))
+                await self._commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
         finally:
-            if committing is not None:
-                await asyncio.gather(committing, return_exceptions=True)
             await self.consumer.stop()
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
