@@ -2,6 +2,8 @@
 contexts for the outbox and the logs, the debugging exporter, and the HTTP log context."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -260,6 +262,14 @@ async def test_payments_keep_their_context_only_with_tracing_on():
 
 
 # Escrow's auto-confirm and credit's expiry resume the order's trace the same way.
+def _pool() -> SimpleNamespace:
+    """A stand-in pool whose acquire() yields a fresh _Conn."""
+    @contextlib.asynccontextmanager
+    async def acquire():
+        yield _Conn()
+    return SimpleNamespace(acquire=acquire)
+
+
 class _Conn:
     """Records the statements the escrow store sends (execute, executemany)."""
 
@@ -355,7 +365,6 @@ async def test_the_set_path_gives_each_new_hold_its_own_records_context(traced, 
 async def test_auto_confirm_resumes_each_holds_kept_context(traced, monkeypatch):
     """Each due hold is released inside its own kept context (none for a hold kept without one);
     with tracing off, no span and no lookup at all."""
-    from contextlib import asynccontextmanager
     from datetime import datetime, timezone
 
     from services.escrow import domain, handlers, store
@@ -370,14 +379,10 @@ async def test_auto_confirm_resumes_each_holds_kept_context(traced, monkeypatch)
     async def apply(ctx, conn, order_id, decision, cause, traceparent=None):
         seen[order_id] = dict(tracing.inject()).get("traceparent")
 
-    @asynccontextmanager
-    async def acquire():
-        yield _Conn()
-
     monkeypatch.setattr(store, "lock_due", lock_due)
     monkeypatch.setattr(handlers, "apply", apply)
     ctx = SimpleNamespace(clock=SimpleNamespace(now=lambda: datetime(2026, 11, 29, tzinfo=timezone.utc)),
-                          pool=SimpleNamespace(acquire=acquire))
+                          pool=_pool())
     if traced:
         exporter = InMemorySpanExporter()
         tracing.enable("danbao-test", SimpleSpanProcessor(exporter))
@@ -396,7 +401,6 @@ async def test_auto_confirm_resumes_each_holds_kept_context(traced, monkeypatch)
 
 
 async def test_reservation_expiry_resumes_each_reservations_kept_context(spans, monkeypatch):
-    from contextlib import asynccontextmanager
     from datetime import datetime, timezone
 
     from services.credit import handlers, store
@@ -413,13 +417,9 @@ async def test_reservation_expiry_resumes_each_reservations_kept_context(spans, 
     async def apply(ctx, conn, d, user_id, order_id, **kwargs):
         seen[order_id] = dict(tracing.inject()).get("traceparent")
 
-    @asynccontextmanager
-    async def acquire():
-        yield _Conn()
-
     monkeypatch.setattr(store, "expired_reservations", expired_reservations)
     monkeypatch.setattr(handlers, "_apply", apply)
-    ctx = SimpleNamespace(clock=SimpleNamespace(now=lambda: now), pool=SimpleNamespace(acquire=acquire))
+    ctx = SimpleNamespace(clock=SimpleNamespace(now=lambda: now), pool=_pool())
     assert await handlers.expire_reservations(ctx) == 2
     [span] = spans.get_finished_spans()
     assert (span.name, f"{span.parent.span_id:016x}", span.attributes["danbao.correlation_id"]) == (
