@@ -153,17 +153,18 @@ class NewTransfer:
     pending: bool = False
 
 
-async def _add_totals(conn: asyncpg.Connection, deltas: dict[str, list[int]]) -> None:
-    """deltas: account -> [debits_posted, credits_posted, debits_pending, credits_pending] changes."""
-    if not deltas:
-        return
-    ids = sorted(deltas)
-    await conn.execute(
-        """UPDATE ledger_accounts a SET debits_posted = a.debits_posted + u.dp, credits_posted = a.credits_posted + u.cp,
-                                        debits_pending = a.debits_pending + u.dq, credits_pending = a.credits_pending + u.cq
-           FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(id, dp, cp, dq, cq)
-           WHERE a.id = u.id""",
-        ids, *([deltas[i][k] for i in ids] for k in range(4)))
+# The running totals of the total-keeping accounts among $1 change by what the data-modifying CTE
+# `moved` (account, debits_posted, credits_posted, debits_pending, credits_pending) says, in the
+# same statement as the transfers it comes from: one round trip, and the totals can never miss a
+# transfer. Those accounts are locked (in id order) before.
+_ADD_TOTALS = """,
+    deltas AS (SELECT acct, sum(dp) AS dp, sum(cp) AS cp, sum(dq) AS dq, sum(cq) AS cq FROM moved
+               WHERE acct = ANY($1::text[]) GROUP BY acct),
+    totals AS (UPDATE ledger_accounts a SET debits_posted = a.debits_posted + d.dp,
+                                            credits_posted = a.credits_posted + d.cp,
+                                            debits_pending = a.debits_pending + d.dq,
+                                            credits_pending = a.credits_pending + d.cq
+               FROM deltas d WHERE a.id = d.acct)"""
 
 
 async def _open_and_lock(conn: asyncpg.Connection, accounts: list[str]) -> dict[str, int]:
@@ -199,25 +200,24 @@ async def transfer_many(conn: asyncpg.Connection, transfers: list[NewTransfer], 
                 continue
             available[t.debit] -= t.amount
     todo = [t for t in transfers if t.id not in refused]
+    if not todo:
+        return set(), refused
     rows = await conn.fetch(
-        """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, code, order_id, created_at)
-           SELECT i, d, c, a, k, code, o, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                                   $6::text[], $7::text[]) AS u(i, d, c, a, k, code, o)
-           ON CONFLICT (id) DO NOTHING RETURNING id""",
-        [t.id for t in todo], [t.debit for t in todo], [t.credit for t in todo],
+        """WITH applied AS (
+               INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, code, order_id, created_at)
+               SELECT i, d, c, a, k, code, o, $9 FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                                                       $7::text[], $8::text[]) AS u(i, d, c, a, k, code, o)
+               ON CONFLICT (id) DO NOTHING RETURNING id, debit_account, credit_account, amount, kind),
+           moved AS (SELECT debit_account AS acct, CASE kind WHEN 'posted' THEN amount ELSE 0 END AS dp, 0 AS cp,
+                            CASE kind WHEN 'pending' THEN amount ELSE 0 END AS dq, 0 AS cq FROM applied
+                     UNION ALL
+                     SELECT credit_account, 0, CASE kind WHEN 'posted' THEN amount ELSE 0 END,
+                            0, CASE kind WHEN 'pending' THEN amount ELSE 0 END FROM applied)""" + _ADD_TOTALS + """
+           SELECT id FROM applied""",
+        sorted(available), [t.id for t in todo], [t.debit for t in todo], [t.credit for t in todo],
         [t.amount for t in todo], ["pending" if t.pending else "posted" for t in todo],
-        [t.code for t in todo], [t.order_id for t in todo], now) if todo else []
-    applied = {r["id"] for r in rows}
-    deltas: dict[str, list[int]] = {}
-    for t in todo:
-        if t.id not in applied:
-            continue
-        if t.debit in available:
-            deltas.setdefault(t.debit, [0, 0, 0, 0])[2 if t.pending else 0] += t.amount
-        if t.credit in available:
-            deltas.setdefault(t.credit, [0, 0, 0, 0])[3 if t.pending else 1] += t.amount
-    await _add_totals(conn, deltas)
-    return applied, refused
+        [t.code for t in todo], [t.order_id for t in todo], now)
+    return {r["id"] for r in rows}, refused
 
 
 async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, str]], *, post: bool,
@@ -234,25 +234,20 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
                SELECT debit_account FROM ledger_transfers WHERE id = ANY($1::text[])
                UNION SELECT credit_account FROM ledger_transfers WHERE id = ANY($1::text[]))
            ORDER BY id FOR UPDATE""", pending_ids)
-    keeps_totals = {r["id"] for r in locked}
     done = await conn.fetch(
-        """INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, pending_id, code, order_id, created_at)
-           SELECT u.i, p.debit_account, p.credit_account, p.amount, $3, p.id, p.code, p.order_id, $4
-           FROM unnest($1::text[], $2::text[]) AS u(i, pid) JOIN ledger_transfers p ON p.id = u.pid AND p.kind = 'pending'
-           ON CONFLICT DO NOTHING RETURNING pending_id, debit_account, credit_account, amount""",
-        [t for t, _ in resolutions], pending_ids, "post_pending" if post else "void_pending", now)
-    deltas: dict[str, list[int]] = {}
-    for r in done:
-        amount = r["amount"]
-        if r["debit_account"] in keeps_totals:
-            d = deltas.setdefault(r["debit_account"], [0, 0, 0, 0])
-            d[2] -= amount
-            d[0] += amount if post else 0
-        if r["credit_account"] in keeps_totals:
-            d = deltas.setdefault(r["credit_account"], [0, 0, 0, 0])
-            d[3] -= amount
-            d[1] += amount if post else 0
-    await _add_totals(conn, deltas)
+        """WITH done AS (
+               INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, pending_id, code, order_id,
+                                             created_at)
+               SELECT u.i, p.debit_account, p.credit_account, p.amount, $4, p.id, p.code, p.order_id, $5
+               FROM unnest($2::text[], $3::text[]) AS u(i, pid) JOIN ledger_transfers p ON p.id = u.pid AND p.kind = 'pending'
+               ON CONFLICT DO NOTHING RETURNING pending_id, debit_account, credit_account, amount),
+           moved AS (SELECT debit_account AS acct, CASE WHEN $6 THEN amount ELSE 0 END AS dp, 0 AS cp,
+                            -amount AS dq, 0 AS cq FROM done
+                     UNION ALL
+                     SELECT credit_account, 0, CASE WHEN $6 THEN amount ELSE 0 END, 0, -amount FROM done)""" + _ADD_TOTALS + """
+           SELECT pending_id FROM done""",
+        [r["id"] for r in locked], [t for t, _ in resolutions], pending_ids, "post_pending" if post else "void_pending",
+        now, post)
     return {r["pending_id"] for r in done}
 
 

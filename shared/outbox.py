@@ -111,13 +111,18 @@ class Relay:
             log.info("outbox relay active", schema=self.schema)
             last_purge = 0.0
             loop = asyncio.get_running_loop()
+            published: list[int] = []  # ids published and not stamped yet
             while True:
                 self._wake.clear()
-                published = await self.publish_pending()
+                rows = await self._stamp_and_fetch(published)
+                published = await self._publish(rows)
                 if loop.time() - last_purge > 60:
                     await self._purge()
                     last_purge = loop.time()
-                if published < self.batch_size:
+                if len(rows) < self.batch_size and not self._wake.is_set():
+                    # Nothing more waits: stamp now, not with the next run.
+                    await self._stamp(published)
+                    published = []
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                     except asyncio.TimeoutError:
@@ -127,12 +132,27 @@ class Relay:
         finally:
             await lock_conn.close()
 
-    async def publish_pending(self) -> int:
-        rows = await self.pool.fetch(
-            """SELECT id, topic, key, value, header_keys, header_values FROM outbox
-               WHERE published_at IS NULL ORDER BY id LIMIT $1""", self.batch_size)
+    async def _stamp_and_fetch(self, published: list[int]) -> list[asyncpg.Record]:
+        """Stamp the rows of the last run and read the next ones, in one round trip while more
+        rows keep coming (the read's snapshot does not see the stamp, hence the id filter)."""
+        if not published:
+            return await self.pool.fetch(
+                """SELECT id, topic, key, value, header_keys, header_values FROM outbox
+                   WHERE published_at IS NULL ORDER BY id LIMIT $1""", self.batch_size)
+        return await self.pool.fetch(
+            """WITH stamped AS (UPDATE outbox SET published_at = now() WHERE id = ANY($2::bigint[]))
+               SELECT id, topic, key, value, header_keys, header_values FROM outbox
+               WHERE published_at IS NULL AND id <> ALL($2::bigint[]) ORDER BY id LIMIT $1""",
+            self.batch_size, published)
+
+    async def _stamp(self, published: list[int]) -> None:
+        if published:
+            await self.pool.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", published)
+
+    async def _publish(self, rows: list[asyncpg.Record]) -> list[int]:
+        """Send the rows in id order and wait until Kafka has them all; their ids."""
         if not rows:
-            return 0
+            return []
         futures, spans = [], []
         try:
             for r in rows:
@@ -147,11 +167,9 @@ class Relay:
             tracing.end_all(spans, exc)
             raise
         tracing.end_all(spans)
-        await self.pool.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                                [r["id"] for r in rows])
         for r in rows:
             metrics.OUTBOX_PUBLISHED.labels(topic=r["topic"]).inc()
-        return len(rows)
+        return [r["id"] for r in rows]
 
     async def _purge(self) -> None:
         await self.pool.execute(

@@ -7,6 +7,7 @@ from datetime import datetime
 import asyncpg
 
 from services.escrow.domain import Escrow, Refund, RefundKind, RefundState, Status
+from shared import db
 
 _FIELDS = [f.name for f in dataclasses.fields(Escrow)]
 _COLUMNS = ", ".join(_FIELDS)
@@ -76,14 +77,21 @@ async def save(conn: asyncpg.Connection, escrow: Escrow, now: datetime, tracepar
 
 async def save_many(conn: asyncpg.Connection, escrows: list[Escrow], now: datetime,
                     traceparents: list[str | None] | None = None) -> None:
-    """`save` for many; `traceparents` (tracing on only): each escrow's, in the same order;
-    without them the statement stays as it was."""
+    """`save` for many (distinct orders), in one statement; `traceparents` (tracing on only):
+    each escrow's, in the same order."""
     if not escrows:
         return
-    if traceparents is None:
-        await conn.executemany(_SAVE, [(*_values(e), now) for e in escrows])
-    else:
-        await conn.executemany(_SAVE_TRACED, [(*_values(e), now, t) for e, t in zip(escrows, traceparents, strict=True)])
+    if traceparents is not None and len(traceparents) != len(escrows):
+        raise ValueError("one traceparent per escrow")
+    rows = [{**{f: v for f, v in zip(_FIELDS, _values(e))}, "traceparent": traceparents[i] if traceparents else None}
+            for i, e in enumerate(escrows)]
+    await conn.execute(_SAVE_MANY, db.json_rows(rows), now)
+
+
+_SAVE_MANY = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at, traceparent)
+            SELECT {_COLUMNS}, $2, $2, traceparent FROM jsonb_populate_recordset(NULL::escrows, $1::text::jsonb)
+            ON CONFLICT (order_id) DO UPDATE SET {", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")},
+                updated_at = EXCLUDED.updated_at"""
 
 
 async def get_refund(conn: asyncpg.Connection, order_id: str, refund_id: str) -> Refund | None:

@@ -1,13 +1,14 @@
 """asyncpg queries for the gateway's schema."""
 from __future__ import annotations
 
+import json
 from datetime import datetime
-
 from enum import StrEnum
 
 import asyncpg
 
 from services.gateway.domain import TIMED_STATES, OrderEventState, PaymentStatus, RepaymentState, SagaState
+from shared import db
 from shared.events import OrderPlaced
 
 
@@ -81,44 +82,47 @@ async def lock_payments(conn: asyncpg.Connection, order_ids: list[str]) -> dict[
     return {r["order_id"]: dict(r) for r in rows}
 
 
-_INSERT_PAYMENTS = """INSERT INTO payments (order_id, placed_event_id, payment_id, buyer_id, seller_id, amount,
-                                             currency, payment_method, card_token, installments, auto_confirm_days,
-                                             status, saga_state, accepted_at, updated_at, next_action_at,
-                                             deadline_at{traced})
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17{param})
-                       ON CONFLICT (order_id) DO NOTHING RETURNING order_id"""
-_INSERT_UNTRACED = _INSERT_PAYMENTS.format(traced="", param="")
-_INSERT_TRACED = _INSERT_PAYMENTS.format(traced=", traceparent", param=", $18")
+_NEW_PAYMENT_COLUMNS = ("order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency, payment_method, "
+                        "card_token, installments, auto_confirm_days, status, saga_state, accepted_at, updated_at, "
+                        "next_action_at, deadline_at, traceparent")
 
 
 async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetime,
                           traceparents: list[str | None] | None = None) -> set[str]:
     """`insert_payment` for many new payments (services.gateway.saga.Payment) straight into the
-    state the saga decided for them (its state, status and timers); returns the order ids
-    inserted (the others already had a payment). `traceparents` (tracing on only): each
-    payment's trace context, in the same order; without them the statement stays as it was."""
-    rows = [(p.order_id, p.placed_event_id, p.payment_id, p.buyer_id, p.seller_id, p.amount, p.currency,
-             p.payment_method, p.card_token, p.installments, p.auto_confirm_days, p.status.value, p.state.value,
-             p.accepted_at, now, p.next_action_at, p.deadline_at) for p in payments]
-    if traceparents is None:
-        inserted = await conn.fetchmany(_INSERT_UNTRACED, rows)
-    else:
-        inserted = await conn.fetchmany(_INSERT_TRACED, [(*r, t) for r, t in zip(rows, traceparents, strict=True)])
+    state the saga decided for them (its state, status and timers), in one statement; returns the
+    order ids inserted (the others already had a payment). `traceparents` (tracing on only):
+    each payment's trace context, in the same order."""
+    if traceparents is not None and len(traceparents) != len(payments):
+        raise ValueError("one traceparent per payment")
+    rows = [{"order_id": p.order_id, "placed_event_id": p.placed_event_id, "payment_id": p.payment_id,
+             "buyer_id": p.buyer_id, "seller_id": p.seller_id, "amount": p.amount, "currency": p.currency,
+             "payment_method": p.payment_method, "card_token": p.card_token, "installments": p.installments,
+             "auto_confirm_days": p.auto_confirm_days, "status": p.status.value, "saga_state": p.state.value,
+             "accepted_at": p.accepted_at, "updated_at": now, "next_action_at": p.next_action_at,
+             "deadline_at": p.deadline_at, "traceparent": traceparents[i] if traceparents else None}
+            for i, p in enumerate(payments)]
+    inserted = await conn.fetch(
+        f"""INSERT INTO payments ({_NEW_PAYMENT_COLUMNS})
+            SELECT {_NEW_PAYMENT_COLUMNS} FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb)
+            ON CONFLICT (order_id) DO NOTHING RETURNING order_id""", db.json_rows(rows))
     return {r["order_id"] for r in inserted}
 
 
 async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list[dict]) -> None:
     """`update_payment` for many orders: every dict has `order_id` and the columns to set; one
-    round trip per set of columns (usually one)."""
+    statement per set of columns (usually one)."""
     groups: dict[tuple[str, ...], list[dict]] = {}
     for c in changes:
         groups.setdefault(tuple(k for k in c if k != "order_id"), []).append(c)
     for columns, rows in groups.items():
         if not columns:
             continue
-        assignments = ", ".join(f"{c} = ${i + 3}" for i, c in enumerate(columns))
-        await conn.executemany(f"UPDATE payments SET updated_at = $2, {assignments} WHERE order_id = $1",
-                               [(c["order_id"], now, *[c[k] for k in columns]) for c in rows])
+        assignments = ", ".join(f"{c} = r.{c}" for c in columns)
+        await conn.execute(
+            f"""UPDATE payments p SET updated_at = $2, {assignments}
+                FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb) AS r WHERE p.order_id = r.order_id""",
+            db.json_rows(rows), now)
 
 
 _DUE = f"saga_state IN ({_literals(*TIMED_STATES)}) AND next_action_at <= $1"  # the index payments_saga_due
@@ -149,9 +153,13 @@ async def record_order_event(conn: asyncpg.Connection, event_id: str, order_id: 
 async def record_order_events(conn: asyncpg.Connection, rows: list[tuple[str, str, str, dict, str]],
                               now: datetime) -> None:
     """`record_order_event` for many (event_id, order_id, type, data, state) in one round trip."""
-    await conn.executemany(
-        """INSERT INTO order_events (event_id, order_id, type, data, received_at, state) VALUES ($1, $2, $3, $4, $6, $5)
-           ON CONFLICT DO NOTHING""", [(*r, now) for r in rows])
+    await conn.execute(
+        """INSERT INTO order_events (event_id, order_id, type, data, received_at, state)
+           SELECT e, o, t, d::jsonb, $6, s FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                WITH ORDINALITY AS u(e, o, t, d, s, n)
+           ORDER BY n ON CONFLICT DO NOTHING""",
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [json.dumps(r[3]) for r in rows],
+        [r[4] for r in rows], now)
 
 
 async def take_events_many(conn: asyncpg.Connection, order_ids: list[str], state: str,

@@ -108,3 +108,26 @@ async def test_the_no_overdraft_flag_not_the_name_protects_an_account(conn):
     with pytest.raises(ValueError):
         await ledger.open_account(conn, "purse")  # flags never change
     assert await ledger.check(conn) == []
+
+
+async def test_set_transfers_keep_both_sides_totals_exact(conn):
+    # The set paths write the transfers and the running totals in one statement each: the totals
+    # must follow posted and pending transfers, on both sides, with repeats changing nothing.
+    for purse in ("purse-a", "purse-b"):
+        await ledger.open_account(conn, purse, no_overdraft=True)
+    await ledger.transfer(conn, "fund", "bank", "purse-a", 1_000, code="topup", now=NOW)
+    batch = [NewTransfer("p1", "purse-a", "purse-b", 100, "pay"),
+             NewTransfer("h1", "purse-a", "purse-b", 250, "pay", pending=True),
+             NewTransfer("h2", "purse-a", "escrow", 40, "pay", pending=True)]
+    assert await ledger.transfer_many(conn, batch, NOW) == ({"p1", "h1", "h2"}, set())
+    assert await ledger.transfer_many(conn, batch, NOW) == (set(), set())  # repeated: a no-op
+    a, b = await ledger.account(conn, "purse-a"), await ledger.account(conn, "purse-b")
+    assert (a.debits_posted, a.debits_pending, a.available) == (100, 290, 610)
+    assert (b.credits_posted, b.credits_pending, b.balance) == (100, 250, 100)
+    assert await ledger.resolve_many(conn, [("post-h1", "h1")], post=True, now=NOW) == {"h1"}
+    assert await ledger.resolve_many(conn, [("void-h2", "h2")], post=False, now=NOW) == {"h2"}
+    assert await ledger.resolve_many(conn, [("post-h1", "h1"), ("void-h2", "h2")], post=True, now=NOW) == set()
+    a, b = await ledger.account(conn, "purse-a"), await ledger.account(conn, "purse-b")
+    assert (a.debits_posted, a.debits_pending, a.available) == (350, 0, 650)
+    assert (b.credits_posted, b.credits_pending, b.balance) == (350, 0, 350)
+    assert await ledger.check(conn) == []

@@ -234,8 +234,9 @@ def test_a_timer_step_without_a_kept_context_starts_no_trace(spans, kept):
 
 
 async def test_payments_keep_their_context_only_with_tracing_on():
-    """The set path's insert (services/gateway/store.py) is the statement it was when tracing is
+    """The set path's insert (services/gateway/store.py) keeps no trace context when tracing is
     off; on, each payment gets its own traceparent in the same order."""
+    import json
     from datetime import datetime, timezone
 
     from services.gateway import saga, store
@@ -243,11 +244,13 @@ async def test_payments_keep_their_context_only_with_tracing_on():
 
     class Conn:
         def __init__(self):
-            self.calls = []
+            self.rows = []
 
-        async def fetchmany(self, sql, rows):
-            self.calls.append((sql, rows))
-            return [{"order_id": r[0]} for r in rows]
+        async def fetch(self, sql, rows_json):
+            assert "jsonb_populate_recordset(NULL::payments" in sql and "traceparent" in sql
+            rows = json.loads(rows_json)
+            self.rows.append(rows)
+            return [{"order_id": r["order_id"]} for r in rows]
 
     now = datetime(2026, 11, 29, tzinfo=timezone.utc)
     payments = [saga.Payment.new(OrderPlaced(order_id=o, buyer_id="b", seller_id="s", amount=100, currency="CNY",
@@ -255,10 +258,10 @@ async def test_payments_keep_their_context_only_with_tracing_on():
     conn = Conn()
     assert await store.insert_payments(conn, payments, now) == {"o-1", "o-2"}
     assert await store.insert_payments(conn, payments, now, [TRACEPARENT, None]) == {"o-1", "o-2"}
-    (off_sql, off_rows), (on_sql, on_rows) = conn.calls
-    assert "traceparent" not in off_sql and {len(r) for r in off_rows} == {17}
-    assert "traceparent" in on_sql and "$18" in on_sql and [r[17] for r in on_rows] == [TRACEPARENT, None]
-
+    off, on = conn.rows
+    assert [r["traceparent"] for r in off] == [None, None]
+    assert [r["traceparent"] for r in on] == [TRACEPARENT, None]
+    assert [r["order_id"] for r in on] == ["o-1", "o-2"] and on[0]["accepted_at"] == now.isoformat()
 
 
 # Escrow's auto-confirm and credit's expiry resume the order's trace the same way.
@@ -302,8 +305,9 @@ def _hold(order_id: str):
 
 
 async def test_holds_keep_their_context_only_with_tracing_on():
-    """escrow's save / save_many are the statements they were when tracing is off; on, a new hold
-    gets its traceparent (an existing row keeps its own: the upsert does not touch it)."""
+    """escrow's save is the statement it was when tracing is off, save_many keeps no context;
+    on, a new hold gets its traceparent (an existing row keeps its own: the upsert does not touch it)."""
+    import json
     from datetime import datetime, timezone
 
     from services.escrow import domain, store
@@ -315,11 +319,14 @@ async def test_holds_keep_their_context_only_with_tracing_on():
     await store.save(conn, escrows[0], now, TRACEPARENT)
     await store.save_many(conn, escrows, now)
     await store.save_many(conn, escrows, now, [TRACEPARENT, None])
-    (off, off_args), (on, on_args), (many_off, off_rows), (many_on, on_rows) = conn.calls
-    assert off == many_off == store._SAVE and "traceparent" not in off
-    assert on == many_on == store._SAVE_TRACED and on_args[-1] == TRACEPARENT
-    assert [r[-1] for r in on_rows] == [TRACEPARENT, None] and {len(r) for r in off_rows} == {len(off_args)}
-    assert "traceparent = " not in on.split("DO UPDATE", 1)[1]
+    (off, off_args), (on, on_args), (many_off, (off_json, _)), (many_on, (on_json, _)) = conn.calls
+    assert off == store._SAVE and "traceparent" not in off
+    assert on == store._SAVE_TRACED and on_args[-1] == TRACEPARENT
+    assert many_off == many_on == store._SAVE_MANY
+    assert [r["traceparent"] for r in json.loads(off_json)] == [None, None]
+    assert [r["traceparent"] for r in json.loads(on_json)] == [TRACEPARENT, None]
+    for sql in (on, many_on):
+        assert "traceparent = " not in sql.split("DO UPDATE", 1)[1]
 
 
 @pytest.mark.parametrize("traced", [False, True])
