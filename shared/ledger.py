@@ -156,7 +156,8 @@ class NewTransfer:
 # The running totals of the total-keeping accounts among $1 change by what the data-modifying CTE
 # `moved` (account, debits_posted, credits_posted, debits_pending, credits_pending) says, in the
 # same statement as the transfers it comes from: one round trip, and the totals can never miss a
-# transfer. Those accounts are locked (in id order) before.
+# transfer. Those accounts are locked (in id order) before. (`a.id = ANY($1)` too: joined with the
+# CTE alone, the planner scans every account.)
 _ADD_TOTALS = """,
     deltas AS (SELECT acct, sum(dp) AS dp, sum(cp) AS cp, sum(dq) AS dq, sum(cq) AS cq FROM moved
                WHERE acct = ANY($1::text[]) GROUP BY acct),
@@ -164,7 +165,7 @@ _ADD_TOTALS = """,
                                             credits_posted = a.credits_posted + d.cp,
                                             debits_pending = a.debits_pending + d.dq,
                                             credits_pending = a.credits_pending + d.cq
-               FROM deltas d WHERE a.id = d.acct)"""
+               FROM deltas d WHERE a.id = d.acct AND a.id = ANY($1::text[]))"""
 
 
 async def _open_and_lock(conn: asyncpg.Connection, accounts: list[str]) -> dict[str, int]:
@@ -230,10 +231,10 @@ async def resolve_many(conn: asyncpg.Connection, resolutions: list[tuple[str, st
     pending_ids = [p for _, p in resolutions]
     # Lock the total-keeping accounts they touch, in id order, before changing their totals.
     locked = await conn.fetch(
-        """SELECT id FROM ledger_accounts WHERE no_overdraft AND id IN (
+        """SELECT id FROM ledger_accounts WHERE no_overdraft AND id = ANY(ARRAY(
                SELECT debit_account FROM ledger_transfers WHERE id = ANY($1::text[])
-               UNION SELECT credit_account FROM ledger_transfers WHERE id = ANY($1::text[]))
-           ORDER BY id FOR UPDATE""", pending_ids)
+               UNION SELECT credit_account FROM ledger_transfers WHERE id = ANY($1::text[])))
+           ORDER BY id FOR UPDATE""", pending_ids)  # = ANY(ARRAY(..)): an index scan, not every account
     done = await conn.fetch(
         """WITH done AS (
                INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, kind, pending_id, code, order_id,

@@ -76,3 +76,24 @@ def test_services_keeping_personal_data_refuse_to_start_without_the_pii_key(monk
     settings.load("billing")
     monkeypatch.setenv("DANBAO_PII_KEY", "k")
     settings.load("gateway")
+
+
+def test_the_consumers_pause_under_load_grows_with_the_batch(monkeypatch):
+    from shared.consumer import ConsumerLoop
+
+    monkeypatch.setenv("DANBAO_API_TOKEN", "t")
+    monkeypatch.setenv("DANBAO_JWT_SECRET", "s")
+    monkeypatch.delenv("CONSUMER_GATHER_MS", raising=False)
+    s = settings.load("escrow")
+    assert (s.consumer_gather_ms, s.consumer_gather_records) == (50, 64)
+    monkeypatch.setenv("CONSUMER_GATHER_MS", "-1")
+    with pytest.raises(settings.SettingsError, match="CONSUMER_GATHER_MS"):
+        settings.load("escrow")
+
+    loop = ConsumerLoop.__new__(ConsumerLoop)  # the pause rule alone, no Kafka client
+    loop.gather_seconds, loop.gather_records = 0.05, 64
+    assert loop.gather_pause(1) == 0.0  # light load: a record alone goes on at once
+    assert loop.gather_pause(16) == pytest.approx(0.0125)
+    assert loop.gather_pause(64) == loop.gather_pause(5_000) == pytest.approx(0.05)
+    loop.gather_seconds = 0.0  # CONSUMER_GATHER_MS=0: never
+    assert loop.gather_pause(500) == 0.0
