@@ -3,19 +3,24 @@ order, once, under an advisory lock (several copies of a service may start toget
 from __future__ import annotations
 
 import importlib.util
-import json
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import orjson
 
 RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def json_text(value) -> str:
+    # OPT_NON_STR_KEYS: keys that are not text become text, as json.dumps makes them.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=json_text, decoder=orjson.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json_text, decoder=orjson.loads, schema="pg_catalog")
 
 
 def _json_default(value):
@@ -30,7 +35,7 @@ def json_rows(rows: list[dict]) -> str:
     """Rows for `jsonb_populate_recordset(NULL::<table>, $n::text::jsonb)`: many rows as one
     parameter, each value decoded by its column's own type (timestamps, arrays, numbers), so a
     set of rows is one statement that Postgres runs once instead of once per row (executemany)."""
-    return json.dumps(rows, default=_json_default, separators=(",", ":"))
+    return orjson.dumps(rows, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

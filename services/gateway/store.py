@@ -1,7 +1,6 @@
 """asyncpg queries for the gateway's schema."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from enum import StrEnum
 
@@ -158,7 +157,7 @@ async def record_order_events(conn: asyncpg.Connection, rows: list[tuple[str, st
            SELECT e, o, t, d::jsonb, $6, s FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
                 WITH ORDINALITY AS u(e, o, t, d, s, n)
            ORDER BY n ON CONFLICT DO NOTHING""",
-        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [json.dumps(r[3]) for r in rows],
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [db.json_text(r[3]) for r in rows],
         [r[4] for r in rows], now)
 
 

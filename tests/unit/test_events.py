@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 
@@ -115,3 +116,19 @@ def test_a_backslash_u_that_is_not_a_nul_is_fine():
     _, data = decode(env("OrderCancelled", {"order_id": "o-1", "reason": "typed \\u0000 by a human"}),
                      ORDER_SCHEMAS, topics.ORDERS)
     assert data.reason == "typed \\u0000 by a human"
+
+
+def test_encoding_is_byte_for_byte_what_the_json_module_writes():
+    envelope = new_event(OrderPlaced(order_id="o-1", buyer_id="b-1", seller_id="s-1", amount=100, currency="CNY",
+                                     payment_method="balance"), source="商店\n\u2028\"x\"",
+                         occurred_at=datetime(2026, 11, 29, tzinfo=timezone.utc))
+    assert encode(envelope) == json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("raw, code", [
+    (env(data=order(amount=2 ** 70)), "INVALID_DATA"),   # beyond 64 bits: a number, too large
+    (env(data=order(amount=float("nan"))), "INVALID_DATA"),  # NaN: the json module's leniency kept
+    ("{\"event_id\": \"e-1\"}".encode("utf-16"), "INVALID_JSON"),  # UTF-8 only
+])
+def test_the_fast_parser_keeps_every_error_code(raw, code):
+    assert code_of(raw) == code
