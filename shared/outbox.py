@@ -20,6 +20,12 @@ from shared import events, metrics, tracing
 log = structlog.get_logger("outbox")
 
 
+# How long published rows may wait for their stamp, to go with the next run's read. A crash in
+# that window publishes them again (consumers deduplicate on event_id), as after any crash
+# between publish and stamp.
+STAMP_WAIT_SECONDS = 0.5
+
+
 def channel(schema: str) -> str:
     return f"outbox_{schema}"
 
@@ -119,18 +125,24 @@ class Relay:
                 if loop.time() - last_purge > 60:
                     await self._purge()
                     last_purge = loop.time()
-                if len(rows) < self.batch_size and not self._wake.is_set():
-                    # Nothing more waits: stamp now, not with the next run.
+                if len(rows) < self.batch_size and not await self._woken(STAMP_WAIT_SECONDS if published else 1.0):
+                    # Nothing more came soon: the stamp goes alone (else with the next run's read).
                     await self._stamp(published)
                     published = []
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        pass
+                    await self._woken(1.0)
                 if lock_conn.is_closed():
                     raise ConnectionError("relay lock connection lost")
         finally:
             await lock_conn.close()
+
+    async def _woken(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a commit's notification; whether one came."""
+        if not self._wake.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     async def _stamp_and_fetch(self, published: list[int]) -> list[asyncpg.Record]:
         """Stamp the rows of the last run and read the next ones, in one round trip while more
