@@ -175,12 +175,25 @@ def build(settings: EngineSettings) -> faust.App:
                     use_partitioner=True)
 
     # ------------------------------------------------------------ stage 1: decode + route
+    kept_queues: weakref.WeakSet = weakref.WeakSet()
+    resume_flow = app.flow_control.resume
+
+    def resume_keeping_route_records() -> None:
+        held = sum(q.qsize() for q in kept_queues)
+        if held:
+            log.info("flow control resumed: route records kept in the agent's queue (faust would clear them)",
+                     records=held)
+        resume_flow()
+
+    app.flow_control.resume = resume_keeping_route_records
+
     @app.agent(requests_topic, name="route")
     async def route(stream):
         # Acknowledged by hand, after the drain's writes are handed to the producer: a crash
         # before that redelivers the records, and the event-id dedupe in the buyer's state
         # sends the same decisions again.
         manual = stream.noack()
+        keep_on_resume(manual.channel.queue)
         drain = Drain()
         async for event in manual.events():
             drain.events.append(event)
@@ -188,6 +201,26 @@ def build(settings: EngineSettings) -> faust.App:
             if manual.channel.empty() or len(drain.events) >= DRAIN_MAX:
                 await flush(manual, drain)
                 drain = Drain()
+
+    def keep_on_resume(queue) -> None:
+        """Keep the records in the route agent's queue when faust resumes flow control.
+
+        faust clears every channel queue in `app.flow_control.resume()`, and calls it at the end
+        of table recovery (Recovery.on_recovery_completed) *after* `consumer.resume_partitions()`
+        and `await consumer.perform_seek()`: while that seek waits on the consumer thread the
+        fetcher already hands records of the resumed partitions to this queue, and the agent
+        already takes them. The clear drops whatever it has not taken yet: never processed, never
+        acknowledged, and never fetched again (the fetch position is past it). perform_seek also
+        resets the read offset to the committed one, so the next record opens a "gap" in faust's
+        bookkeeping that covers the dropped offset and the commit moves past it: the request is
+        lost for good. Seen after a SIGKILL restart (test_restart_keeps_the_window_state): the last
+        of the records read before the restart was ready, never decided.
+
+        Not clearing this queue on resume is safe: a record fetched in an older generation is
+        skipped by the stream (faust compares generation ids) and read again after the seek to
+        the committed offset, and a revocation still empties the queue (flow_control.clear())."""
+        kept_queues.add(queue)
+        app.flow_control._queues.discard(queue)
 
     async def flush(stream, drain: Drain) -> None:
         for key, (state, event) in drain.buyers.items():
