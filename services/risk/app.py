@@ -174,26 +174,55 @@ def build(settings: EngineSettings) -> faust.App:
     sellers = table("sellers", "seller_id -> SellerState: orders and accepted amounts in 1 min / 1 h / 24 h",
                     use_partitioner=True)
 
-    # ------------------------------------------------------------ stage 1: decode + route
+    # ------------------------------------------------------------ agents' queues and flow control
     kept_queues: weakref.WeakSet = weakref.WeakSet()
     resume_flow = app.flow_control.resume
 
-    def resume_keeping_route_records() -> None:
-        held = sum(q.qsize() for q in kept_queues)
+    def keep_on_resume(stream) -> None:
+        """Keep the records in an agent's queue when faust resumes flow control.
+
+        faust clears every channel queue in `app.flow_control.resume()`, and calls it at the end
+        of table recovery (Recovery.on_recovery_completed) *after* `consumer.resume_partitions()`
+        and `await consumer.perform_seek()`: while that seek waits on the consumer thread, the
+        fetcher already hands records of the resumed partitions to the agents' queues and the
+        agents already take them. The clear dropped whatever an agent had not taken yet: never
+        processed, never acknowledged, never fetched again (the fetch position is past it); and
+        perform_seek resets faust's read offset to the committed one, so the next record opens a
+        "gap" that covers the dropped offsets and the commit moves past them: lost for good.
+        After a SIGKILL restart this lost the decision of the last request read before the
+        engine was ready (test_restart_keeps_the_window_state, 1 run in 5-6).
+
+        Not clearing on resume is safe: a record fetched in an older generation is skipped by
+        the stream (faust compares generation ids, see Stream._c_aiter / _py_aiter) and read again
+        after the seek to the committed offset, and a revocation still empties the queues
+        (flow_control.clear() in App._on_partitions_revoked)."""
+        kept_queues.add(stream.channel.queue)
+
+    def resume_keeping_agent_queues() -> None:
+        # Out of the managed queues for the length of resume() only: clear() still empties them.
+        managed = app.flow_control._queues
+        kept = [q for q in kept_queues if q in managed]
+        held = sum(q.qsize() for q in kept)
         if held:
-            log.info("flow control resumed: route records kept in the agent's queue (faust would clear them)",
-                     records=held)
-        resume_flow()
+            log.info("flow control resumed; records kept in the agents' queues", records=held)
+        for q in kept:
+            managed.discard(q)
+        try:
+            resume_flow()
+        finally:
+            for q in kept:
+                managed.add(q)
 
-    app.flow_control.resume = resume_keeping_route_records
+    app.flow_control.resume = resume_keeping_agent_queues
 
+    # ------------------------------------------------------------ stage 1: decode + route
     @app.agent(requests_topic, name="route")
     async def route(stream):
         # Acknowledged by hand, after the drain's writes are handed to the producer: a crash
         # before that redelivers the records, and the event-id dedupe in the buyer's state
         # sends the same decisions again.
         manual = stream.noack()
-        keep_on_resume(manual.channel.queue)
+        keep_on_resume(manual)
         drain = Drain()
         async for event in manual.events():
             drain.events.append(event)
@@ -201,26 +230,6 @@ def build(settings: EngineSettings) -> faust.App:
             if manual.channel.empty() or len(drain.events) >= DRAIN_MAX:
                 await flush(manual, drain)
                 drain = Drain()
-
-    def keep_on_resume(queue) -> None:
-        """Keep the records in the route agent's queue when faust resumes flow control.
-
-        faust clears every channel queue in `app.flow_control.resume()`, and calls it at the end
-        of table recovery (Recovery.on_recovery_completed) *after* `consumer.resume_partitions()`
-        and `await consumer.perform_seek()`: while that seek waits on the consumer thread the
-        fetcher already hands records of the resumed partitions to this queue, and the agent
-        already takes them. The clear drops whatever it has not taken yet: never processed, never
-        acknowledged, and never fetched again (the fetch position is past it). perform_seek also
-        resets the read offset to the committed one, so the next record opens a "gap" in faust's
-        bookkeeping that covers the dropped offset and the commit moves past it: the request is
-        lost for good. Seen after a SIGKILL restart (test_restart_keeps_the_window_state): the last
-        of the records read before the restart was ready, never decided.
-
-        Not clearing this queue on resume is safe: a record fetched in an older generation is
-        skipped by the stream (faust compares generation ids) and read again after the seek to
-        the committed offset, and a revocation still empties the queue (flow_control.clear())."""
-        kept_queues.add(queue)
-        app.flow_control._queues.discard(queue)
 
     async def flush(stream, drain: Drain) -> None:
         for key, (state, event) in drain.buyers.items():
@@ -270,6 +279,7 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 2: per card
     @app.agent(by_card, name="card_stage")
     async def card_stage(stream):
+        keep_on_resume(stream)
         async for payload in stream:
             try:
                 await on_card_record(payload)
@@ -303,6 +313,7 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 3: per buyer, decide
     @app.agent(by_buyer, name="buyer_stage")
     async def buyer_stage(stream):
+        keep_on_resume(stream)
         async for payload in stream:
             try:
                 await on_buyer_record(payload)
@@ -398,6 +409,7 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 4: per seller (statistics)
     @app.agent(by_seller, name="seller_stage")
     async def seller_stage(stream):
+        keep_on_resume(stream)
         # Statistics only: taken in batches, so a busy seller's state is written (changelog)
         # once per batch, not once per order.
         async for batch in stream.take(500, within=0.05):
