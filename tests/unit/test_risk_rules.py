@@ -312,3 +312,53 @@ def test_forgetting_what_was_never_counted_changes_nothing():
     state, _ = run_buyer([req(1_000, T0)])
     assert domain.buyer_forget(state, "abandon-2", T0, 9_999) is state
     assert domain.buyer_forget(state, "abandon-3", T0 + timedelta(seconds=5), 1_000) is state
+
+
+async def test_the_agents_queues_keep_their_records_when_faust_resumes_flow_control():
+    """faust's flow_control.resume() clears every channel queue, and table recovery calls it at its
+    end *after* it resumed the partitions and awaited the seek to the committed offsets: records
+    the fetcher handed to an agent during that seek, and that the agent had not taken yet, were
+    dropped, never decided and (faust's read offset reset by the seek opening a gap over them)
+    committed over. After a SIGKILL restart that lost a request's decision
+    (test_restart_keeps_the_window_state, about 1 run in 5). Each agent's queue must keep its
+    records on resume; a revocation's clear() must still empty it."""
+    from services.risk.app import EngineSettings, build
+
+    app = build(EngineSettings.from_env())
+    queues = {}
+
+    class Channel:
+        def __init__(self, name):
+            self.queue = queues[name] = app.FlowControlQueue(maxsize=10, clear_on_resume=True)
+
+        def empty(self):
+            return self.queue.empty()
+
+    class Stream:  # just enough of a faust stream for each agent to start and find its input ended
+        def __init__(self, name):
+            self.channel = Channel(name)
+
+        def noack(self):
+            return self
+
+        async def events(self):
+            return
+            yield
+
+        def __aiter__(self):
+            return self.events()
+
+        async def take(self, max_, within):
+            return
+            yield
+
+    for name, agent in app.agents.items():
+        await agent.fun(Stream(name))
+    assert set(queues) == {"route", "card_stage", "buyer_stage", "seller_stage"}
+    for q in queues.values():
+        q.put_nowait("record")
+    app.flow_control.suspend()
+    app.flow_control.resume()  # what Recovery.on_recovery_completed does once the seek returned
+    assert {name: q.qsize() for name, q in queues.items()} == dict.fromkeys(queues, 1)
+    app.flow_control.clear()  # what App._on_partitions_revoked does
+    assert {name: q.qsize() for name, q in queues.items()} == dict.fromkeys(queues, 0)
