@@ -175,10 +175,10 @@ def build(settings: EngineSettings) -> faust.App:
                     use_partitioner=True)
 
     # ------------------------------------------------------------ agents' queues and flow control
-    kept_queues: weakref.WeakSet = weakref.WeakSet()
+    kept_queues: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # queue -> agent name
     resume_flow = app.flow_control.resume
 
-    def keep_on_resume(stream) -> None:
+    def keep_on_resume(stream, name: str) -> None:
         """Keep the records in an agent's queue when faust resumes flow control.
 
         faust clears every channel queue in `app.flow_control.resume()`, and calls it at the end
@@ -196,13 +196,13 @@ def build(settings: EngineSettings) -> faust.App:
         the stream (faust compares generation ids, see Stream._c_aiter / _py_aiter) and read again
         after the seek to the committed offset, and a revocation still empties the queues
         (flow_control.clear() in App._on_partitions_revoked)."""
-        kept_queues.add(stream.channel.queue)
+        kept_queues[stream.channel.queue] = name
 
     def resume_keeping_agent_queues() -> None:
         # Out of the managed queues for the length of resume() only: clear() still empties them.
         managed = app.flow_control._queues
-        kept = [q for q in kept_queues if q in managed]
-        held = sum(q.qsize() for q in kept)
+        kept = [q for q in list(kept_queues) if q in managed]
+        held = {kept_queues.get(q): q.qsize() for q in kept if q.qsize()}
         if held:
             log.info("flow control resumed; records kept in the agents' queues", records=held)
         for q in kept:
@@ -222,7 +222,7 @@ def build(settings: EngineSettings) -> faust.App:
         # before that redelivers the records, and the event-id dedupe in the buyer's state
         # sends the same decisions again.
         manual = stream.noack()
-        keep_on_resume(manual)
+        keep_on_resume(manual, "route")
         drain = Drain()
         async for event in manual.events():
             drain.events.append(event)
@@ -279,7 +279,7 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 2: per card
     @app.agent(by_card, name="card_stage")
     async def card_stage(stream):
-        keep_on_resume(stream)
+        keep_on_resume(stream, "card_stage")
         async for payload in stream:
             try:
                 await on_card_record(payload)
@@ -313,7 +313,7 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 3: per buyer, decide
     @app.agent(by_buyer, name="buyer_stage")
     async def buyer_stage(stream):
-        keep_on_resume(stream)
+        keep_on_resume(stream, "buyer_stage")
         async for payload in stream:
             try:
                 await on_buyer_record(payload)
@@ -409,7 +409,7 @@ def build(settings: EngineSettings) -> faust.App:
     # ------------------------------------------------------------ stage 4: per seller (statistics)
     @app.agent(by_seller, name="seller_stage")
     async def seller_stage(stream):
-        keep_on_resume(stream)
+        keep_on_resume(stream, "seller_stage")
         # Statistics only: taken in batches, so a busy seller's state is written (changelog)
         # once per batch, not once per order.
         async for batch in stream.take(500, within=0.05):
