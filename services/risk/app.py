@@ -232,16 +232,21 @@ def build(settings: EngineSettings) -> faust.App:
                 drain = Drain()
 
     async def flush(stream, drain: Drain) -> None:
-        for key, (state, event) in drain.buyers.items():
-            _as_current(event)
-            buyers[key] = state.to_json()
-        for key, (at, event) in drain.pairs.items():
-            _as_current(event)
-            pairs[key] = at
-        for seller_id, items in drain.sellers.items():
-            await by_seller.send(key=seller_id.encode(), value={"seller_id": seller_id, "items": items})
-        for event in drain.events:
-            await stream.ack(event)
+        try:
+            for key, (state, event) in drain.buyers.items():
+                _as_current(event)
+                buyers[key] = state.to_json()
+            for key, (at, event) in drain.pairs.items():
+                _as_current(event)
+                pairs[key] = at
+            for seller_id, items in drain.sellers.items():
+                await by_seller.send(key=seller_id.encode(), value={"seller_id": seller_id, "items": items})
+        except Exception:  # a bug: logged; the records are still acknowledged below, or a
+            # rebalance or a shutdown would wait for them forever (their decisions are out)
+            log.exception("risk drain's state writes failed", records=len(drain.events))
+        finally:
+            for event in drain.events:
+                await stream.ack(event)
 
     async def on_request(event, drain: Drain) -> None:
         msg = event.message
