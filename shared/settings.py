@@ -164,7 +164,7 @@ class Settings:
     business_tz: str  # BUSINESS_TZ, read here only; `zone` for the ZoneInfo
     # The consumer's pause under load (shared/consumer.py): up to CONSUMER_GATHER_MS before the
     # next fetch, the whole pause after a batch of CONSUMER_GATHER_RECORDS records or more.
-    consumer_gather_ms: int = 50
+    consumer_gather_ms: int = 20
     consumer_gather_records: int = 64
 
     @property
@@ -205,6 +205,6 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
         http_host=env("HTTP_HOST", "127.0.0.1"),
         topic_partitions=env_int("KAFKA_TOPIC_PARTITIONS", 4, minimum=1),
         business_tz=env_zone("BUSINESS_TZ", "Asia/Shanghai"),
-        consumer_gather_ms=env_int("CONSUMER_GATHER_MS", 50, minimum=0, maximum=1000),
+        consumer_gather_ms=env_int("CONSUMER_GATHER_MS", 20, minimum=0, maximum=1000),
         consumer_gather_records=env_int("CONSUMER_GATHER_RECORDS", 64, minimum=1, maximum=100_000),
     )

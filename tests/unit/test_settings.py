@@ -85,7 +85,7 @@ def test_the_consumers_pause_under_load_grows_with_the_batch(monkeypatch):
     monkeypatch.setenv("DANBAO_JWT_SECRET", "s")
     monkeypatch.delenv("CONSUMER_GATHER_MS", raising=False)
     s = settings.load("escrow")
-    assert (s.consumer_gather_ms, s.consumer_gather_records) == (50, 64)
+    assert (s.consumer_gather_ms, s.consumer_gather_records) == (20, 64)
     monkeypatch.setenv("CONSUMER_GATHER_MS", "-1")
     with pytest.raises(settings.SettingsError, match="CONSUMER_GATHER_MS"):
         settings.load("escrow")
