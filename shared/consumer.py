@@ -154,6 +154,10 @@ class ConsumerLoop:
         return self.gather_seconds * min(1.0, applied / self.gather_records)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        # Only partitions still assigned: one a rebalance took is replayed by its new owner.
+        offsets = {tp: o for tp, o in offsets.items() if tp in self.consumer.assignment()}
+        if not offsets:
+            return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:

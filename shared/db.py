@@ -19,6 +19,8 @@ def json_text(value) -> str:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # orjson reads an integer beyond 64 bits as a float; no column of ours holds one (amounts are
+    # bounded far below, docs/contract.md §2).
     await conn.set_type_codec("jsonb", encoder=json_text, decoder=orjson.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json_text, decoder=orjson.loads, schema="pg_catalog")
 

@@ -462,8 +462,10 @@ def _has_nul(value: Any) -> bool:
 
 def _loads(raw: bytes) -> Any:
     """orjson (UTF-8 only, as docs/contract.md §2 wants; several times faster than the json
-    module). What it refuses goes through the json module, which is more lenient (integers beyond
-    64 bits, NaN), so every record gets the same outcome and error code as before."""
+    module). What it refuses goes through the json module, which is more lenient (NaN,
+    Infinity), so every record gets the same outcome and error code as before. An integer beyond
+    64 bits comes out of orjson as a float: every integer field is a strict, bounded int, so such
+    a record is INVALID_DATA either way."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -126,7 +126,7 @@ def test_encoding_is_byte_for_byte_what_the_json_module_writes():
 
 
 @pytest.mark.parametrize("raw, code", [
-    (env(data=order(amount=2 ** 70)), "INVALID_DATA"),   # beyond 64 bits: a number, too large
+    (env(data=order(amount=2 ** 70)), "INVALID_DATA"),   # beyond 64 bits: too large (a float to orjson)
     (env(data=order(amount=float("nan"))), "INVALID_DATA"),  # NaN: the json module's leniency kept
     ("{\"event_id\": \"e-1\"}".encode("utf-16"), "INVALID_JSON"),  # UTF-8 only
 ])
