@@ -142,9 +142,10 @@ class ConsumerLoop:
                 if pause:
                     await asyncio.sleep(pause)
         finally:
-            if uncommitted:
-                with contextlib.suppress(Exception):
-                    await self._commit(uncommitted)
+            # No last commit of `uncommitted`: at a shutdown during a rebalance it could fail or
+            # be cancelled, and the consumer must leave the group whatever happens (a member that
+            # does not leave holds its partitions until its session times out). Whoever takes
+            # the partitions replays those records; the inbox makes that a no-op.
             await self.consumer.stop()
 
     def gather_pause(self, applied: int) -> float:

@@ -48,42 +48,48 @@ async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value
     )
 
 
-async def add_many(conn: asyncpg.Connection, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
-    """`add` for many (topic, key, envelope) rows in one statement; ids follow the list order."""
-    if not rows:
-        return
-    if tracing.ENABLED:
-        await _add_many_traced(conn, rows)
-        return
-    await conn.execute(
-        """WITH rows AS (INSERT INTO outbox (topic, key, value)
-                         SELECT t, k, v FROM unnest($1::text[], $2::bytea[], $3::bytea[]) WITH ORDINALITY AS u(t, k, v, n)
-                         ORDER BY n RETURNING 1)
-           SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM rows LIMIT 1) AS any_row""",
-        [t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
-        [events.encode(e) for _, _, e in rows])
+Row = tuple[str, str | None, dict[str, Any]]  # (topic, key, envelope)
+
+# The relay's wake-up call, once for any number of rows (delivered at commit, deduplicated by
+# Postgres within the transaction); `emitted` is the rows' data-modifying CTE.
+NOTIFY_EMITTED = "SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM emitted LIMIT 1) AS any_row"
 
 
-async def _add_many_traced(conn: asyncpg.Connection, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
-    """add_many with each row's traceparent / tracestate headers (NULL: none)."""
+def emitting(rows: list[Row], first: int) -> tuple[str, list]:
+    """`add_many`'s insert as the CTE `emitted` of a caller's statement, its parameters numbered
+    from `$first`: (the CTE, its arguments). End the statement with `NOTIFY_EMITTED`."""
+    n = [f"${first + i}" for i in range(5)]
+    topics_, keys, values = ([t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
+                             [events.encode(e) for _, _, e in rows])
+    if not tracing.ENABLED:
+        return (f"""emitted AS (INSERT INTO outbox (topic, key, value)
+                         SELECT t, k, v FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[])
+                              WITH ORDINALITY AS u(t, k, v, n)
+                         ORDER BY n RETURNING 1)""", [topics_, keys, values])
+    # Tracing on: each row's traceparent / tracestate headers (NULL: none).
     parents, states = [], []
     for _, _, e in rows:
         headers = dict(tracing.outbox_headers(e))
         parents.append(headers.get("traceparent"))
         states.append(headers.get("tracestate"))
-    await conn.execute(
-        """WITH rows AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
-                         SELECT t, k, v,
-                                CASE WHEN tp IS NULL THEN '{}'::text[] WHEN ts IS NULL THEN ARRAY['traceparent']
-                                     ELSE ARRAY['traceparent', 'tracestate'] END,
-                                CASE WHEN tp IS NULL THEN '{}'::bytea[] WHEN ts IS NULL THEN ARRAY[tp]
-                                     ELSE ARRAY[tp, ts] END
-                         FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[])
-                              WITH ORDINALITY AS u(t, k, v, tp, ts, n)
-                         ORDER BY n RETURNING 1)
-           SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM rows LIMIT 1) AS any_row""",
-        [t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
-        [events.encode(e) for _, _, e in rows], parents, states)
+    return (f"""emitted AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
+                     SELECT t, k, v,
+                            CASE WHEN tp IS NULL THEN '{{}}'::text[] WHEN ts IS NULL THEN ARRAY['traceparent']
+                                 ELSE ARRAY['traceparent', 'tracestate'] END,
+                            CASE WHEN tp IS NULL THEN '{{}}'::bytea[] WHEN ts IS NULL THEN ARRAY[tp]
+                                 ELSE ARRAY[tp, ts] END
+                     FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[], {n[3]}::bytea[], {n[4]}::bytea[])
+                          WITH ORDINALITY AS u(t, k, v, tp, ts, n)
+                     ORDER BY n RETURNING 1)""", [topics_, keys, values, parents, states])
+
+
+
+async def add_many(conn: asyncpg.Connection, rows: list[Row]) -> None:
+    """`add` for many (topic, key, envelope) rows in one statement; ids follow the list order."""
+    if not rows:
+        return
+    cte, args = emitting(rows, 1)
+    await conn.execute(f"WITH {cte} {NOTIFY_EMITTED}", *args)
 
 
 class Relay:
@@ -184,7 +190,14 @@ class Relay:
         return [r["id"] for r in rows]
 
     async def _purge(self) -> None:
+        """Delete rows published more than `retention_hours` ago, from the oldest id up to the
+        first row not yet published or published since: an id range (the primary key) instead
+        of a scan of the whole outbox, which holds a day of events at full rate. A row behind
+        that first one waits for the next purge that passes it."""
         await self.pool.execute(
-            "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)", self.retention_hours)
+            """DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)
+                   AND id < coalesce((SELECT id FROM outbox
+                                      WHERE published_at IS NULL OR published_at >= now() - make_interval(hours => $1)
+                                      ORDER BY id LIMIT 1), 9223372036854775807)""", self.retention_hours)
         backlog = await self.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         metrics.OUTBOX_BACKLOG.set(backlog)

@@ -304,11 +304,11 @@ async def _lock_and_decide(ctx: Context, conn: asyncpg.Connection, items: Batch)
 
 
 async def _save_many(ctx: Context, conn: asyncpg.Connection, done: list, now: datetime) -> None:
-    """State and outbox of many (envelope, answer, payment, decision), a statement each."""
+    """State and outbox of many (envelope, answer, payment, decision), in one statement."""
     await store.update_payments(conn, now, [{"order_id": p.order_id, **saga.changes(p, d.payment)}
-                                            for _, _, p, d in done])
-    await outbox.add_many(conn, [(x.topic, x.key, _envelope(ctx, x, env.event_id, now))
-                                 for env, _, _, d in done for x in d.emit])
+                                            for _, _, p, d in done],
+                                emit=[(x.topic, x.key, _envelope(ctx, x, env.event_id, now))
+                                      for env, _, _, d in done for x in d.emit])
 
 
 def _rest(items: Batch, done: list) -> Batch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -102,6 +102,27 @@ async def test_redelivered_event_is_applied_once(infra, scratch, kafka):
         await kafka.send(topic, registered("u-after"), key="u-dup")  # same partition, after the copies
         await eventually(lambda: applied_times(pool, "u-after"))
         assert await applied_times(pool, "u-dup") == 1
+
+
+async def test_purge_deletes_old_published_rows_up_to_the_first_one_still_needed(infra, scratch):
+    schema, topic, pool = scratch
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(6):
+            await outbox.add(conn, topic, f"u-{i}", registered(f"u-purge-{i}"))
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM outbox ORDER BY id")]
+    day, hour = timedelta(days=1), timedelta(hours=1)
+    stamps = [2 * day, 2 * day, None, 2 * day, hour, 2 * day]  # published how long ago (None: not yet)
+    for row_id, ago in zip(ids, stamps):
+        if ago:
+            await pool.execute("UPDATE outbox SET published_at = now() - $2::interval WHERE id = $1", row_id, ago)
+    relay = Relay(infra.database_url, schema, pool, producer=None, retention_hours=24)
+    await relay._purge()
+    left = [r["id"] for r in await pool.fetch("SELECT id FROM outbox ORDER BY id")]
+    assert left == ids[2:]  # the unpublished third row holds back the old rows behind it
+    await pool.execute("UPDATE outbox SET published_at = now() - interval '3 days' WHERE id = $1", ids[2])
+    await relay._purge()
+    left = [r["id"] for r in await pool.fetch("SELECT id FROM outbox ORDER BY id")]
+    assert left == ids[4:]  # up to the row published an hour ago; never a recent or unpublished row
 
 
 async def test_relay_publishes_rows_committed_while_it_was_down(infra, scratch):
