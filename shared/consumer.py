@@ -5,9 +5,8 @@ validated; a record that can never be accepted goes, byte for byte, to `<topic>.
 error headers (through the outbox, so it is written exactly once); a valid record is applied
 once (inbox): runs of the hot event types as a set by their batch handler (a few statements for
 hundreds of records, which is where the throughput comes from), everything else by its handler
-inside a savepoint. Offsets are committed only after the transaction commits (at most every
-COMMIT_EVERY_SECONDS), so a crash anywhere replays what was applied since and the inbox makes
-that a no-op.
+inside a savepoint. Offsets are committed only after the transaction commits, so a crash
+anywhere replays the batch and the inbox makes that a no-op.
 A failure that is not the record's fault (Postgres or Kafka away) rolls the batch back and
 retries it from the same offsets.
 """
@@ -36,10 +35,6 @@ BatchHandler = Callable[[asyncpg.Connection, list[tuple[Envelope, Strict]]],
                         Awaitable[list[tuple[Envelope, Strict]]]]
 
 _UNTRACED = contextlib.nullcontext({})  # tracing off: no span, no extra log fields
-
-# Offsets are committed at most this often (and this long after a batch at the latest). A crash
-# or a rebalance replays what was applied since: the inbox makes that a no-op, as for any replay.
-COMMIT_EVERY_SECONDS = 0.2
 
 TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
              asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
@@ -113,39 +108,27 @@ class ConsumerLoop:
 
     async def run(self) -> None:
         await self.consumer.start()
-        loop = asyncio.get_running_loop()
-        # Offsets applied but not committed yet, and when the last commit went: at light load
-        # a commit after every single-record batch would double the Kafka requests of a hop.
-        uncommitted: dict[TopicPartition, int] = {}
-        committed_at = loop.time()
         try:
             while True:
-                wait = 0.5 if not uncommitted else max(0.0, committed_at + COMMIT_EVERY_SECONDS - loop.time())
-                batch = await self.consumer.getmany(timeout_ms=int(wait * 1000), max_records=self.max_records)
+                batch = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
                 self.ready.set()
-                if batch:
-                    try:
-                        if self.before_batch:
-                            await self.before_batch()
-                        await self.apply(batch)
-                    except TRANSIENT as exc:
-                        log.warning("batch failed, will retry from the same offsets", error=repr(exc))
-                        for tp, records in batch.items():
-                            self.consumer.seek(tp, records[0].offset)
-                        await asyncio.sleep(1)
-                        continue
-                    uncommitted.update({tp: records[-1].offset + 1 for tp, records in batch.items()})
-                if uncommitted and loop.time() - committed_at >= COMMIT_EVERY_SECONDS:
-                    await self._commit(uncommitted)
-                    uncommitted, committed_at = {}, loop.time()
+                if not batch:
+                    continue
+                try:
+                    if self.before_batch:
+                        await self.before_batch()
+                    await self.apply(batch)
+                except TRANSIENT as exc:
+                    log.warning("batch failed, will retry from the same offsets", error=repr(exc))
+                    for tp, records in batch.items():
+                        self.consumer.seek(tp, records[0].offset)
+                    await asyncio.sleep(1)
+                    continue
+                await self._commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
                 pause = self.gather_pause(sum(len(records) for records in batch.values()))
                 if pause:
                     await asyncio.sleep(pause)
         finally:
-            # No last commit of `uncommitted`: at a shutdown during a rebalance it could fail or
-            # be cancelled, and the consumer must leave the group whatever happens (a member that
-            # does not leave holds its partitions until its session times out). Whoever takes
-            # the partitions replays those records; the inbox makes that a no-op.
             await self.consumer.stop()
 
     def gather_pause(self, applied: int) -> float:
@@ -155,10 +138,6 @@ class ConsumerLoop:
         return self.gather_seconds * min(1.0, applied / self.gather_records)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
-        # Only partitions still assigned: one a rebalance took is replayed by its new owner.
-        offsets = {tp: o for tp, o in offsets.items() if tp in self.consumer.assignment()}
-        if not offsets:
-            return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
