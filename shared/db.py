@@ -3,7 +3,6 @@ order, once, under an advisory lock (several copies of a service may start toget
 from __future__ import annotations
 
 import importlib.util
-from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,8 +25,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 def _json_default(value):
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
+    # orjson writes datetimes and dates itself (RFC 3339, as isoformat); Decimal it leaves to us.
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not a column value")

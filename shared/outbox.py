@@ -151,12 +151,8 @@ class Relay:
         return True
 
     async def _stamp_and_fetch(self, published: list[int]) -> list[asyncpg.Record]:
-        """Stamp the rows of the last run and read the next ones, in one round trip while more
+        """Stamp the rows of the last run (if any) and read the next ones, in one round trip while more
         rows keep coming (the read's snapshot does not see the stamp, hence the id filter)."""
-        if not published:
-            return await self.pool.fetch(
-                """SELECT id, topic, key, value, header_keys, header_values FROM outbox
-                   WHERE published_at IS NULL ORDER BY id LIMIT $1""", self.batch_size)
         return await self.pool.fetch(
             """WITH stamped AS (UPDATE outbox SET published_at = now() WHERE id = ANY($2::bigint[]))
                SELECT id, topic, key, value, header_keys, header_values FROM outbox

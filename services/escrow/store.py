@@ -54,10 +54,12 @@ async def lock_due(conn: asyncpg.Connection, now: datetime, limit: int) -> list[
 
 
 _N = len(_FIELDS)
+# An existing row takes the new values, all but its traceparent (kept from its first hold).
+_UPSERT = f"""ON CONFLICT (order_id) DO UPDATE SET {", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")},
+                updated_at = EXCLUDED.updated_at"""
 _SAVE_ANY = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at{{traced}})
             VALUES ({", ".join(f"${i}" for i in range(1, _N + 1))}, ${_N + 1}, ${_N + 1}{{param}})
-            ON CONFLICT (order_id) DO UPDATE SET {", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")},
-                updated_at = EXCLUDED.updated_at"""
+            {_UPSERT}"""
 _SAVE = _SAVE_ANY.format(traced="", param="")
 # A new hold with its order's trace context; an existing row keeps the one it has.
 _SAVE_TRACED = _SAVE_ANY.format(traced=", traceparent", param=f", ${_N + 2}")
@@ -83,15 +85,14 @@ async def save_many(conn: asyncpg.Connection, escrows: list[Escrow], now: dateti
         return
     if traceparents is not None and len(traceparents) != len(escrows):
         raise ValueError("one traceparent per escrow")
-    rows = [{**{f: v for f, v in zip(_FIELDS, _values(e))}, "traceparent": traceparents[i] if traceparents else None}
+    rows = [dict(zip(_FIELDS, _values(e)), traceparent=traceparents[i] if traceparents else None)
             for i, e in enumerate(escrows)]
     await conn.execute(_SAVE_MANY, db.json_rows(rows), now)
 
 
 _SAVE_MANY = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at, traceparent)
             SELECT {_COLUMNS}, $2, $2, traceparent FROM jsonb_populate_recordset(NULL::escrows, $1::text::jsonb)
-            ON CONFLICT (order_id) DO UPDATE SET {", ".join(f"{f} = EXCLUDED.{f}" for f in _FIELDS if f != "order_id")},
-                updated_at = EXCLUDED.updated_at"""
+            {_UPSERT}"""
 
 
 async def get_refund(conn: asyncpg.Connection, order_id: str, refund_id: str) -> Refund | None:

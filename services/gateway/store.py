@@ -81,11 +81,6 @@ async def lock_payments(conn: asyncpg.Connection, order_ids: list[str]) -> dict[
     return {r["order_id"]: dict(r) for r in rows}
 
 
-_NEW_PAYMENT_COLUMNS = ("order_id, placed_event_id, payment_id, buyer_id, seller_id, amount, currency, payment_method, "
-                        "card_token, installments, auto_confirm_days, status, saga_state, accepted_at, updated_at, "
-                        "next_action_at, deadline_at, traceparent")
-
-
 async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetime,
                           traceparents: list[str | None] | None = None) -> set[str]:
     """`insert_payment` for many new payments (services.gateway.saga.Payment) straight into the
@@ -101,9 +96,12 @@ async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetim
              "accepted_at": p.accepted_at, "updated_at": now, "next_action_at": p.next_action_at,
              "deadline_at": p.deadline_at, "traceparent": traceparents[i] if traceparents else None}
             for i, p in enumerate(payments)]
+    if not rows:
+        return set()
+    columns = ", ".join(rows[0])
     inserted = await conn.fetch(
-        f"""INSERT INTO payments ({_NEW_PAYMENT_COLUMNS})
-            SELECT {_NEW_PAYMENT_COLUMNS} FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb)
+        f"""INSERT INTO payments ({columns})
+            SELECT {columns} FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb)
             ON CONFLICT (order_id) DO NOTHING RETURNING order_id""", db.json_rows(rows))
     return {r["order_id"] for r in inserted}
 
