@@ -79,12 +79,45 @@ class _Decoded:
     data: Strict
 
 
+class Committer:
+    """Commits offsets in the background, one commit at a time and in order, at most one per
+    `interval` seconds: offsets offered in between are merged and go in the next commit.
+    Nobody waits for the broker, and each commit (a broker round trip, and CPU on both sides)
+    covers every batch applied since the last one. A record applied but not committed yet is
+    only delivered again (after a crash or a rebalance), and the inbox ignores it then."""
+
+    def __init__(self, commit: Callable[[dict[TopicPartition, int]], Awaitable[None]], interval: float = 0.0):
+        self._commit = commit
+        self._interval = interval
+        self._pending: dict[TopicPartition, int] = {}
+        self._task: asyncio.Task | None = None
+
+    def offer(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            self._pending[tp] = max(offset, self._pending.get(tp, offset))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._pending:
+            offsets, self._pending = self._pending, {}
+            await self._commit(offsets)
+            if self._interval:
+                await asyncio.sleep(self._interval)
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
 class ConsumerLoop:
     def __init__(self, *, bootstrap: str, group_id: str, pool: asyncpg.Pool,
                  subscriptions: list[Subscription], max_records: int = 500,
                  before_batch: Callable[[], Awaitable[Any]] | None = None,
-                 security: kafka.Security | None = None, gather_ms: int = 0, gather_records: int = 64):
+                 security: kafka.Security | None = None, gather_ms: int = 0, gather_records: int = 64,
+                 commit_ms: int = 0):
         self.pool = pool
+        self.commit_seconds = commit_ms / 1000
         # Under load, a pause before the next fetch lets records gather, so that each batch's
         # fixed cost (a transaction, a dozen statements, an offset commit) is shared by more of
         # them: the pause grows with the batch just applied, up to `gather_ms` for a batch of
@@ -108,6 +141,9 @@ class ConsumerLoop:
 
     async def run(self) -> None:
         await self.consumer.start()
+        # Offsets are committed in the background (`Committer`): a commit is a broker round trip,
+        # and waiting for it after every batch put it on every hop of a saga.
+        committer = Committer(self._commit, self.commit_seconds)
         try:
             while True:
                 batch = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
@@ -124,11 +160,16 @@ class ConsumerLoop:
                         self.consumer.seek(tp, records[0].offset)
                     await asyncio.sleep(1)
                     continue
-                await self._commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+                committer.offer({tp: records[-1].offset + 1 for tp, records in batch.items()})
                 pause = self.gather_pause(sum(len(records) for records in batch.values()))
                 if pause:
                     await asyncio.sleep(pause)
         finally:
+            # Never wait for the broker here: the consumer must stop and leave the group whatever
+            # happens (a member that does not leave holds its partitions until its session times
+            # out, and a shutdown in the middle of a rebalance must not hang on a commit). The
+            # partitions' next owner replays what was not committed; the inbox makes that a no-op.
+            committer.cancel()
             await self.consumer.stop()
 
     def gather_pause(self, applied: int) -> float:
@@ -138,11 +179,18 @@ class ConsumerLoop:
         return self.gather_seconds * min(1.0, applied / self.gather_records)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        # Only the partitions still assigned: one a rebalance took would fail the whole commit.
+        assigned = self.consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
             # A rebalance took the partition; its new owner replays, the inbox dedupes.
             log.info("offset commit failed after apply", error=repr(exc))
+        except Exception as exc:  # anything else: the records are replayed at worst, never lost
+            log.warning("offset commit failed", error=repr(exc))
 
     async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """The whole batch in one transaction. Should a set path fail (a case it did not

@@ -85,6 +85,7 @@ async def run(spec: ServiceSpec) -> None:
         loop_ = ConsumerLoop(bootstrap=settings.kafka_bootstrap_servers, group_id=spec.name, pool=pool,
                              subscriptions=subscriptions, security=security,
                              gather_ms=settings.consumer_gather_ms, gather_records=settings.consumer_gather_records,
+                             commit_ms=settings.consumer_commit_ms,
                              before_batch=clock.refresh if clock.controllable else None)
         tasks.append(asyncio.create_task(loop_.run(), name="consumer"))
     tasks += [asyncio.create_task(f(ctx), name=f.__name__) for f in spec.loops]

@@ -166,6 +166,8 @@ class Settings:
     # next fetch, the whole pause after a batch of CONSUMER_GATHER_RECORDS records or more.
     consumer_gather_ms: int = 20
     consumer_gather_records: int = 64
+    # At most one offset commit per CONSUMER_COMMIT_MS, in the background (shared/consumer.py).
+    consumer_commit_ms: int = 100
 
     @property
     def zone(self) -> ZoneInfo:
@@ -207,4 +209,5 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
         business_tz=env_zone("BUSINESS_TZ", "Asia/Shanghai"),
         consumer_gather_ms=env_int("CONSUMER_GATHER_MS", 20, minimum=0, maximum=1000),
         consumer_gather_records=env_int("CONSUMER_GATHER_RECORDS", 64, minimum=1, maximum=100_000),
+        consumer_commit_ms=env_int("CONSUMER_COMMIT_MS", 100, minimum=0, maximum=10_000),
     )

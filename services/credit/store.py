@@ -53,8 +53,9 @@ async def count_behaviour_many(conn: asyncpg.Connection, counts: dict[str, int],
     await conn.execute(
         f"""UPDATE profiles p SET {column} = p.{column} + u.n
             FROM (SELECT p2.user_id, u.n FROM unnest($1::text[], $2::int[]) AS u(id, n)
-                  JOIN profiles p2 ON p2.user_id = u.id ORDER BY p2.user_id FOR UPDATE OF p2) AS u
-            WHERE p.user_id = u.user_id""", ids, [counts[i] for i in ids])
+                  JOIN profiles p2 ON p2.user_id = u.id WHERE p2.user_id = ANY($1::text[])
+                  ORDER BY p2.user_id FOR UPDATE OF p2) AS u
+            WHERE p.user_id = u.user_id AND p.user_id = ANY($1::text[])""", ids, [counts[i] for i in ids])
 
 
 async def with_account(conn: asyncpg.Connection, user_ids: list[str]) -> list[str]:

@@ -118,14 +118,18 @@ async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list
         if not columns:
             continue
         assignments = ", ".join(f"{c} = r.{c}" for c in columns)
+        # `p.order_id = ANY($3)`: the planner takes the function for 100 rows and, with the key list
+        # alone, would hash-join it against a scan of every payment.
         update = f"""UPDATE payments p SET updated_at = $2, {assignments}
-                     FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb) AS r WHERE p.order_id = r.order_id"""
+                     FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb) AS r
+                     WHERE p.order_id = r.order_id AND p.order_id = ANY($3::text[])"""
+        keys = [r["order_id"] for r in rows]
         if not emit:
-            await conn.execute(update, db.json_rows(rows), now)
+            await conn.execute(update, db.json_rows(rows), now, keys)
             continue
-        emitted, args = outbox.emitting(list(emit), 3)
+        emitted, args = outbox.emitting(list(emit), 4)
         await conn.execute(f"WITH updated AS ({update}), {emitted} {outbox.NOTIFY_EMITTED}",
-                           db.json_rows(rows), now, *args)
+                           db.json_rows(rows), now, keys, *args)
         emit = ()
     await outbox.add_many(conn, list(emit))  # no column changed anywhere: the rows alone
 

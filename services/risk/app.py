@@ -153,7 +153,6 @@ def build(settings: EngineSettings) -> faust.App:
     )
 
     requests_topic = app.topic(topics.RISK_REQUESTS, key_serializer="raw", value_serializer="raw")
-    decisions_topic = app.topic(topics.RISK_DECISIONS, key_serializer="raw", value_serializer="raw")
     dlq_topic = app.topic(topics.dlq(topics.RISK_REQUESTS), key_serializer="raw", value_serializer="raw")
 
     def internal(suffix: str) -> faust.TopicT:
@@ -382,7 +381,11 @@ def build(settings: EngineSettings) -> faust.App:
                         message=decision.message),
             source=SOURCE, occurred_at=req.accepted_at, correlation_id=req.order_id,
             causation_id=env.event_id, event_id=domain.decision_event_id(env.event_id))
-        await decisions_topic.send(key=req.order_id.encode(), value=events.encode(record), headers=list(trace) or None)
+        # Straight to faust's producer: the same aiokafka producer and partitioner as
+        # decisions_topic.send, without faust's per-message future and buffer (a tenth of the
+        # engine's CPU in a burst). Faust flushes this producer before it commits offsets.
+        await app.producer.send(topics.RISK_DECISIONS, req.order_id.encode(), events.encode(record), None, None,
+                                list(trace) or None)
         if duplicate:
             RECORDS.labels(outcome="duplicate").inc()
             log.info("duplicate request: decision sent again", event_id=env.event_id, order_id=req.order_id,

@@ -85,7 +85,13 @@ def test_the_consumers_pause_under_load_grows_with_the_batch(monkeypatch):
     monkeypatch.setenv("DANBAO_JWT_SECRET", "s")
     monkeypatch.delenv("CONSUMER_GATHER_MS", raising=False)
     s = settings.load("escrow")
-    assert (s.consumer_gather_ms, s.consumer_gather_records) == (20, 64)
+    assert (s.consumer_gather_ms, s.consumer_gather_records, s.consumer_commit_ms) == (20, 64, 100)
+    monkeypatch.setenv("CONSUMER_COMMIT_MS", "0")
+    assert settings.load("escrow").consumer_commit_ms == 0  # a commit after every batch (in the background)
+    monkeypatch.setenv("CONSUMER_COMMIT_MS", "-5")
+    with pytest.raises(settings.SettingsError, match="CONSUMER_COMMIT_MS"):
+        settings.load("escrow")
+    monkeypatch.delenv("CONSUMER_COMMIT_MS")
     monkeypatch.setenv("CONSUMER_GATHER_MS", "-1")
     with pytest.raises(settings.SettingsError, match="CONSUMER_GATHER_MS"):
         settings.load("escrow")
