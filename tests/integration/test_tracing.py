@@ -28,9 +28,12 @@ async def spans_file(services):
 
 
 def read_spans(path) -> list[dict]:
+    """The spans written so far: complete lines only (a service may be in the middle of appending
+    one while the test reads)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def log_lines(service: str, needle: str) -> list[dict]:
