@@ -58,8 +58,7 @@ async def payments_succeeded(ctx: Context, conn: asyncpg.Connection, items: list
     counts: dict[str, int] = {}
     for _, e in items:
         counts[e.buyer_id] = counts.get(e.buyer_id, 0) + 1
-    await store.count_behaviour_many(conn, counts, "successful_payments")
-    for user_id in await store.with_account(conn, list(counts)):
+    for user_id in await store.count_behaviour_many(conn, counts, "successful_payments"):
         await refresh_score(ctx, conn, user_id)
     return []
 

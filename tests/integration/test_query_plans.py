@@ -53,6 +53,9 @@ async def credit(infra):
         await conn.execute(
             """INSERT INTO profiles (user_id, real_name_verified, registered_at, updated_at) SELECT 'u' || i, true, $1, $1 FROM generate_series(1, 3000) AS i""",
             NOW)
+        await conn.execute("""INSERT INTO huabei_accounts (user_id, status, credit_limit, score, id_number_hash, phone_hash,
+                                                           activated_at, reviewed_at)
+                              VALUES ('u9', 'active', 50000, 600, 'id-hash', 'phone-hash', $1, $1)""", NOW)
         await conn.execute("ANALYZE profiles")
         yield conn
     await pool.execute(f"DROP SCHEMA {schema} CASCADE")
@@ -68,11 +71,12 @@ async def test_payment_updates_find_their_rows_by_key(gateway):
         assert await gateway.fetchval("SELECT saga_state FROM payments WHERE order_id = 'o42'") == "RISK_CHECK"
 
 
-async def test_behaviour_counts_find_their_profiles_by_key(credit):
+async def test_behaviour_counts_find_their_profiles_by_key_and_name_the_huabei_users(credit):
     async with credit.transaction():
         await credit.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         before = await _seq_scans(credit, "profiles")
-        await credit_store.count_behaviour_many(credit, {"u7": 2, "u9": 1}, "successful_payments")
+        huabei_users = await credit_store.count_behaviour_many(credit, {"u7": 2, "u9": 1}, "successful_payments")
+        assert huabei_users == ["u9"]  # whose score is refreshed next
         assert await _seq_scans(credit, "profiles") == before
         rows = await credit.fetch("SELECT user_id, successful_payments FROM profiles WHERE user_id IN ('u7', 'u9')")
         assert {r["user_id"]: r["successful_payments"] for r in rows} == {"u7": 2, "u9": 1}

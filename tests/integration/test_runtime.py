@@ -13,7 +13,7 @@ import pytest
 from shared import db as dbmod, events, outbox
 from shared.consumer import ConsumerLoop, Subscription
 from shared.events import UserRegistered
-from shared.kafka import ensure_topics, make_producer
+from shared.kafka import client_options, ensure_topics, make_producer
 from shared.outbox import Relay
 from tests.integration.conftest import eventually
 
@@ -45,8 +45,9 @@ async def count_applied(conn: asyncpg.Connection, env, data) -> None:
 
 
 class Running:
-    def __init__(self, infra, schema, topic, pool):
+    def __init__(self, infra, schema, topic, pool, commit_ms: int = 0):
         self.infra, self.schema, self.topic, self.pool = infra, schema, topic, pool
+        self.commit_ms = commit_ms
         self.tasks: list[asyncio.Task] = []
         self.producer = make_producer(infra.kafka)
 
@@ -54,7 +55,8 @@ class Running:
         await self.producer.start()
         relay = Relay(self.infra.database_url, self.schema, self.pool, self.producer)
         loop = ConsumerLoop(bootstrap=self.infra.kafka, group_id=f"g-{self.schema}", pool=self.pool,
-                            subscriptions=[Subscription(self.topic, {"UserRegistered": count_applied}, SCHEMAS)])
+                            subscriptions=[Subscription(self.topic, {"UserRegistered": count_applied}, SCHEMAS)],
+                            commit_ms=self.commit_ms)
         self.tasks = [asyncio.create_task(relay.run()), asyncio.create_task(loop.run())]
         return self
 
@@ -102,6 +104,28 @@ async def test_redelivered_event_is_applied_once(infra, scratch, kafka):
         await kafka.send(topic, registered("u-after"), key="u-dup")  # same partition, after the copies
         await eventually(lambda: applied_times(pool, "u-after"))
         assert await applied_times(pool, "u-dup") == 1
+
+
+async def test_offsets_are_committed_in_the_background_up_to_the_last_record(infra, scratch, kafka):
+    """Commits go in the background, at most one per CONSUMER_COMMIT_MS: the last batch is
+    committed too, soon after, with nothing more arriving to carry it."""
+    from aiokafka import AIOKafkaConsumer
+
+    schema, topic, pool = scratch
+    async with Running(infra, schema, topic, pool, commit_ms=300):
+        for i in range(20):
+            await kafka.send(topic, registered(f"u-c{i}"), key=f"u-c{i}")
+        await eventually(lambda: applied_times(pool, "u-c19"))
+        end = await kafka.end_offsets(topic)
+        group = AIOKafkaConsumer(bootstrap_servers=infra.kafka, group_id=f"g-{schema}", enable_auto_commit=False,
+                                 **client_options())
+        await group.start()
+        try:
+            async def all_committed():
+                return all([await group.committed(tp) == offset for tp, offset in end.items()])
+            await eventually(all_committed, timeout=5)
+        finally:
+            await group.stop()
 
 
 async def test_purge_deletes_old_published_rows_up_to_the_first_one_still_needed(infra, scratch):
