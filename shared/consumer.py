@@ -119,7 +119,7 @@ class ConsumerLoop:
         self.pool = pool
         self.commit_seconds = commit_ms / 1000
         # Under load, a pause before the next fetch lets records gather, so that each batch's
-        # fixed cost (a transaction, a dozen statements, an offset commit) is shared by more of
+        # fixed cost (a transaction, a dozen statements, a fetch) is shared by more of
         # them: the pause grows with the batch just applied, up to `gather_ms` for a batch of
         # `gather_records` or more, and a single record (light load) gets none.
         self.gather_seconds = gather_ms / 1000

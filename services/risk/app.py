@@ -381,9 +381,9 @@ def build(settings: EngineSettings) -> faust.App:
                         message=decision.message),
             source=SOURCE, occurred_at=req.accepted_at, correlation_id=req.order_id,
             causation_id=env.event_id, event_id=domain.decision_event_id(env.event_id))
-        # Straight to faust's producer: the same aiokafka producer and partitioner as
-        # decisions_topic.send, without faust's per-message future and buffer (a tenth of the
-        # engine's CPU in a burst). Faust flushes this producer before it commits offsets.
+        # Straight to faust's producer: the same aiokafka producer and partitioner as a faust
+        # topic's send, without its per-message future and buffer entry. Faust flushes this
+        # producer before it commits offsets, so a decision is out before its request is.
         await app.producer.send(topics.RISK_DECISIONS, req.order_id.encode(), events.encode(record), None, None,
                                 list(trace) or None)
         if duplicate:
