@@ -383,7 +383,7 @@ def build(settings: EngineSettings) -> faust.App:
             causation_id=env.event_id, event_id=domain.decision_event_id(env.event_id))
         # Straight to faust's producer: the same aiokafka producer and partitioner as a faust
         # topic's send, without its per-message future and buffer entry. Faust flushes this
-        # producer before it commits offsets, so a decision is out before its request is.
+        # producer before it commits offsets: a decision is sent before its request counts as read.
         await app.producer.send(topics.RISK_DECISIONS, req.order_id.encode(), events.encode(record), None, None,
                                 list(trace) or None)
         if duplicate:
