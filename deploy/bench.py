@@ -33,6 +33,12 @@ order, and notes, on its own monotonic clock, when each order's outcome arrives.
   The ratio printed is Danbao's maximum rate over the monolith's with 4 connections.
   `--baseline-only` runs just the monolith.
 
+Where the time went: after each run the benchmark reads the run's records on the saga's topics
+and prints, per step (gateway, risk engine, gateway, escrow, gateway), p50 and p99 of the
+difference between the Kafka timestamps of the record a step consumed and the one it produced:
+the wait for the step's consumer, its work and its outbox relay together. The slowest step is
+the one to look at first. (Read after the CPU is sampled: it does not weigh on the figures.)
+
 Correctness is checked, not assumed: the run fails (exit status 1) when an outcome is missing,
 when an outcome is anything but PaymentSucceeded for the right buyer and amount (the buyers are
 funded), or when an order gets two outcomes (two different event ids; the same event id seen
@@ -73,11 +79,19 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from deploy.demo import KAFKA, URLS, envelope
+from shared import topics
 from shared.kafka import client_options
 
 AMOUNT = 1_000                # fen per order
-ORDERS_TOPIC = "orders.events"
-PAYMENTS_TOPIC = "payments.events"
+ORDERS_TOPIC = topics.ORDERS
+PAYMENTS_TOPIC = topics.PAYMENTS
+# A wallet payment's way, topic to topic, and who takes each step. A step's time is the
+# difference of the two records' Kafka timestamps (set when each was produced): the wait for
+# the consumer, the step's work and its outbox relay together.
+STAGES = [(topics.ORDERS, topics.RISK_REQUESTS, "gateway"), (topics.RISK_REQUESTS, topics.RISK_DECISIONS, "risk engine"),
+          (topics.RISK_DECISIONS, topics.ESCROW_COMMANDS, "gateway"), (topics.ESCROW_COMMANDS, topics.ESCROW_EVENTS, "escrow"),
+          (topics.ESCROW_EVENTS, topics.PAYMENTS, "gateway")]
+STAGE_TOPICS = [STAGES[0][0]] + [to for _, to, _ in STAGES]
 MONOLITH_SCHEMA = "bench_monolith"
 MONOLITH_CONNECTIONS = (4, 1)  # the first is the reference for the ratio
 DEFAULT_DSN = "postgresql://danbao@127.0.0.1:5432/danbao"
@@ -275,6 +289,67 @@ def outcome_label(event: dict, buyer: str) -> str:
     return event["type"] + (f" {data['reason_code']}" if data.get("reason_code") else "")
 
 
+def stage_latencies(stamps: dict[str, dict[str, int]]) -> list[dict] | None:
+    """Per step of STAGES, p50 and p99 in ms over the orders seen on every topic; `stamps` is
+    topic -> order -> the Kafka timestamp (ms) of the order's first record there."""
+    orders = set.intersection(*(set(stamps.get(t, {})) for t in STAGE_TOPICS))
+    if not orders:
+        return None
+    out = []
+    for source, target, step in STAGES:
+        took = sorted(stamps[target][o] - stamps[source][o] for o in orders)
+        out.append({"step": step, "from": source, "to": target,
+                    "p50": float(percentile(took, 50)), "p99": float(percentile(took, 99))})
+    return out
+
+
+def stages_line(stages: list[dict] | None) -> str:
+    if not stages:
+        return "n/a"
+    return " -> ".join(f"{s['step']} {s['p50']:.0f}/{s['p99']:.0f}" for s in stages) + " ms (p50/p99)"
+
+
+async def read_stamps(since: dict[TopicPartition, int], orders: set[str]) -> dict[str, dict[str, int]]:
+    """For each of the run's orders, the timestamp of its first record on each stage topic from
+    `since` (the topics' ends before the run) up to their ends now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False, **client_options())
+    await consumer.start()
+    try:
+        consumer.assign(list(since))
+        end = await consumer.end_offsets(list(since))
+        todo = {tp for tp in since if end[tp] > since[tp]}
+        for tp in since:
+            consumer.seek(tp, since[tp])
+        stamps: dict[str, dict[str, int]] = {t: {} for t in STAGE_TOPICS}
+        while todo:
+            batches = await consumer.getmany(timeout_ms=1000)
+            if not batches:
+                break  # nothing more comes: count what was read
+            for tp, records in batches.items():
+                for r in records:
+                    try:
+                        order = json.loads(r.value)["data"]["order_id"]
+                    except (ValueError, TypeError, KeyError):
+                        continue
+                    if order in orders:
+                        stamps[tp.topic].setdefault(order, r.timestamp)
+                if records and records[-1].offset + 1 >= end[tp]:
+                    todo.discard(tp)
+        return stamps
+    finally:
+        await consumer.stop()
+
+
+async def stage_ends(producer: AIOKafkaProducer) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False, **client_options())
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in STAGE_TOPICS for p in await producer.partitions_for(t)]
+        return await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+
+
 async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, per_buyer: int,
                            rate: float | None, timeout: float, grace: float) -> dict:
     """One measurement: max rate (rate None) or fixed rate. Returns the result as a JSON-ready dict."""
@@ -283,6 +358,7 @@ async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, 
     buyer_of = {order: buyer for order, buyer, _ in work.orders}
     outcomes = Outcomes(set(buyer_of))
     await outcomes.start(await producer.partitions_for(PAYMENTS_TOPIC))
+    since = await stage_ends(producer)
     print(f"   {len(work.funding())} buyers registered and funded; publishing", flush=True)
     try:
         sent: dict[str, float] = {}
@@ -329,6 +405,7 @@ async def measure_platform(producer: AIOKafkaProducer, token: str, orders: int, 
         "waited_seconds": timeout,
         "latency_ms": latency_ms([arrived - sent[order] for order, (arrived, _) in outcomes.first.items()]),
         "cpu_ms_per_saga": CpuMeter.per_saga_ms(cpu_before, cpu_after, len(arrivals)),
+        "stages_ms": stage_latencies(await read_stamps(since, set(outcomes.first))),
     }
     result["ok"] = result["missing"] == 0 and succeeded == orders and result["duplicates"] == 0
     return result
@@ -347,6 +424,7 @@ def print_platform_run(n: int | None, r: dict) -> None:
               f"{r['outcomes']}/{r['orders']} outcomes in {r['seconds'] or 0:.2f} s -> {r['throughput']:.1f} sagas/s")
     print(f"{pad}latency (send -> outcome): {latency_line(r['latency_ms'])}")
     print(f"{pad}CPU per saga: {cpu_line(r['cpu_ms_per_saga'])}")
+    print(f"{pad}steps (Kafka timestamps): {stages_line(r['stages_ms'])}")
     counts = ", ".join(f"{label} {count}" for label, count in r["outcome_counts"].items()) or "none"
     missing = f"{r['missing']} (waited {r['waited_seconds']:g} s after publishing)" if r["missing"] else "0"
     print(f"{pad}outcomes: {counts}; missing {missing}; duplicates {r['duplicates']}"
