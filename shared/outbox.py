@@ -83,7 +83,6 @@ def emitting(rows: list[Row], first: int) -> tuple[str, list]:
                      ORDER BY n RETURNING 1)""", [topics_, keys, values, parents, states])
 
 
-
 async def add_many(conn: asyncpg.Connection, rows: list[Row]) -> None:
     """`add` for many (topic, key, envelope) rows in one statement; ids follow the list order."""
     if not rows:

@@ -220,6 +220,24 @@ async def eventually(check: Callable[[], Any], timeout: float = 30, interval: fl
         await asyncio.sleep(interval)
 
 
+async def committed_through(kafka_bootstrap: str, group: str, ends: dict, before: dict | None = None,
+                            timeout: float = 30) -> None:
+    """Until `group` has committed every partition that moved since `before` (all of them with
+    records, without it) up to its end in `ends`."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    moved = {tp: end for tp, end in ends.items() if end > (before or {}).get(tp, 0)}
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap, **client_options())
+    await admin.start()
+    try:
+        async def done() -> bool:
+            offsets = await admin.list_consumer_group_offsets(group)
+            return all(tp in offsets and offsets[tp].offset >= end for tp, end in moved.items())
+        await eventually(done, timeout=timeout)
+    finally:
+        await admin.close()
+
+
 def payments_of(records: list, order_id: str) -> list[dict]:
     out = []
     for r in records:

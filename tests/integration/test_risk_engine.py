@@ -19,7 +19,7 @@ import pytest
 from services.risk.domain import decision_event_id
 from shared import events
 from shared.events import CardDeclined, RiskCheckRequested
-from tests.integration.conftest import RISK_APP_ID, eventually, new_id
+from tests.integration.conftest import RISK_APP_ID, committed_through, eventually, new_id
 
 pytestmark = pytest.mark.integration
 
@@ -216,25 +216,6 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_redeliveries_are_deci
                                           "original.offset"}
 
 
-async def committed_through(infra, ends: dict, before: dict, timeout: float = 30) -> None:
-    """Until the engine's group has committed every partition that moved since `before` up to
-    its end in `ends`."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from shared.kafka import client_options
-
-    moved = {tp: end for tp, end in ends.items() if end > before.get(tp, 0)}
-    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka, **client_options())
-    await admin.start()
-    try:
-        async def done() -> bool:
-            offsets = await admin.list_consumer_group_offsets(APP_ID)
-            return all(tp in offsets and offsets[tp].offset >= end for tp, end in moved.items())
-        await eventually(done, timeout=timeout)
-    finally:
-        await admin.close()
-
-
 async def test_restart_keeps_the_window_state(engine, kafka, infra):
     buyer = new_id("b")
     t0 = datetime.now(timezone.utc)
@@ -247,7 +228,7 @@ async def test_restart_keeps_the_window_state(engine, kafka, infra):
     # Past the commit interval (1 s): the 12 are in the changelog and their offsets committed.
     # Waited for, not assumed: the test session's group starts a partition it never committed at
     # its end (auto_offset_reset latest), so without a commit the restart would skip the rest.
-    await committed_through(infra, await kafka.end_offsets("risk.requests"), before)
+    await committed_through(infra.kafka, APP_ID, await kafka.end_offsets("risk.requests"), before)
     await publish(kafka, *orders[12:17])
     engine.kill(signal.SIGKILL)  # mid-run: the last five may or may not have been processed
 

@@ -13,9 +13,9 @@ import pytest
 from shared import db as dbmod, events, outbox
 from shared.consumer import ConsumerLoop, Subscription
 from shared.events import UserRegistered
-from shared.kafka import client_options, ensure_topics, make_producer
+from shared.kafka import ensure_topics, make_producer
 from shared.outbox import Relay
-from tests.integration.conftest import eventually
+from tests.integration.conftest import committed_through, eventually
 
 SCHEMAS = {"UserRegistered": UserRegistered}
 
@@ -109,23 +109,12 @@ async def test_redelivered_event_is_applied_once(infra, scratch, kafka):
 async def test_offsets_are_committed_in_the_background_up_to_the_last_record(infra, scratch, kafka):
     """Commits go in the background, at most one per CONSUMER_COMMIT_MS: the last batch is
     committed too, soon after, with nothing more arriving to carry it."""
-    from aiokafka import AIOKafkaConsumer
-
     schema, topic, pool = scratch
     async with Running(infra, schema, topic, pool, commit_ms=300):
         for i in range(20):
             await kafka.send(topic, registered(f"u-c{i}"), key=f"u-c{i}")
         await eventually(lambda: applied_times(pool, "u-c19"))
-        end = await kafka.end_offsets(topic)
-        group = AIOKafkaConsumer(bootstrap_servers=infra.kafka, group_id=f"g-{schema}", enable_auto_commit=False,
-                                 **client_options())
-        await group.start()
-        try:
-            async def all_committed():
-                return all([await group.committed(tp) == offset for tp, offset in end.items()])
-            await eventually(all_committed, timeout=5)
-        finally:
-            await group.stop()
+        await committed_through(infra.kafka, f"g-{schema}", await kafka.end_offsets(topic), timeout=5)
 
 
 async def test_purge_deletes_old_published_rows_up_to_the_first_one_still_needed(infra, scratch):
