@@ -115,8 +115,12 @@ class ConsumerLoop:
                  subscriptions: list[Subscription], max_records: int = 500,
                  before_batch: Callable[[], Awaitable[Any]] | None = None,
                  security: kafka.Security | None = None, gather_ms: int = 0, gather_records: int = 64,
-                 commit_ms: int = 0):
+                 commit_ms: int = 0, hand_off: Callable[[list[outbox.Written]], Awaitable[None]] | None = None):
         self.pool = pool
+        # Relay.hand_off: the outbox rows of each committed batch go straight to the producer (a
+        # saga's hop then waits for neither the relay's wake-up nor its read). None: the relay
+        # publishes them.
+        self.hand_off = hand_off
         self.commit_seconds = commit_ms / 1000
         # Under load, a pause before the next fetch lets records gather, so that each batch's
         # fixed cost (a transaction, a dozen statements, a fetch) is shared by more of
@@ -209,30 +213,36 @@ class ConsumerLoop:
         by_topic: dict[str, list[Any]] = {}
         for tp, records in batch.items():
             by_topic.setdefault(tp.topic, []).extend(records)
-        async with self.pool.acquire() as conn, conn.transaction():
-            decoded: dict[str, list[_Decoded]] = {}
-            for topic, records in by_topic.items():
-                decoded[topic] = []
-                for record in records:
-                    try:
-                        env, data = events.decode(record.value, self.by_topic[topic].schemas, topic)
-                    except DecodeError as exc:
-                        await self._dead_letter(conn, record, exc.code, exc.message)
-                        continue
-                    decoded[topic].append(_Decoded(record, env, data))
-            all_ = [(d.env.event_id, topic) for topic, ds in decoded.items() for d in ds]
-            fresh = await inbox.first_deliveries(conn, [k for k, _ in all_], [t for _, t in all_]) if all_ else set()
-            for topic, ds in decoded.items():
-                todo: list[_Decoded] = []
-                for d in ds:
-                    if d.env.event_id in fresh:
-                        fresh.discard(d.env.event_id)  # the same event twice in one batch: the first counts
-                        todo.append(d)
-                if len(todo) < len(ds):
-                    metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc(len(ds) - len(todo))
-                    log.info("duplicate deliveries ignored", topic=topic, count=len(ds) - len(todo))
-                with metrics.HANDLER_SECONDS.labels(topic=topic).time():
-                    await self._apply_topic(conn, self.by_topic[topic], todo, sets)
+        with outbox.collecting() if self.hand_off else contextlib.nullcontext() as written:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self._apply_in(conn, by_topic, sets)
+        if written:
+            await self.hand_off(written)
+
+    async def _apply_in(self, conn: asyncpg.Connection, by_topic: dict[str, list[Any]], sets: bool) -> None:
+        decoded: dict[str, list[_Decoded]] = {}
+        for topic, records in by_topic.items():
+            decoded[topic] = []
+            for record in records:
+                try:
+                    env, data = events.decode(record.value, self.by_topic[topic].schemas, topic)
+                except DecodeError as exc:
+                    await self._dead_letter(conn, record, exc.code, exc.message)
+                    continue
+                decoded[topic].append(_Decoded(record, env, data))
+        all_ = [(d.env.event_id, topic) for topic, ds in decoded.items() for d in ds]
+        fresh = await inbox.first_deliveries(conn, [k for k, _ in all_], [t for _, t in all_]) if all_ else set()
+        for topic, ds in decoded.items():
+            todo: list[_Decoded] = []
+            for d in ds:
+                if d.env.event_id in fresh:
+                    fresh.discard(d.env.event_id)  # the same event twice in one batch: the first counts
+                    todo.append(d)
+            if len(todo) < len(ds):
+                metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc(len(ds) - len(todo))
+                log.info("duplicate deliveries ignored", topic=topic, count=len(ds) - len(todo))
+            with metrics.HANDLER_SECONDS.labels(topic=topic).time():
+                await self._apply_topic(conn, self.by_topic[topic], todo, sets)
 
     async def _apply_topic(self, conn: asyncpg.Connection, sub: Subscription, todo: list[_Decoded],
                            sets: bool) -> None:

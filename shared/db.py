@@ -9,6 +9,8 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from shared import outbox
+
 RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -45,9 +47,36 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     still rolled back by the pool."""
 
 
+class _Transaction:
+    """asyncpg's transaction (or savepoint) that also forgets the outbox rows written in it when it
+    rolls back: a consumer hands the rows of its committed transaction to the producer from
+    memory (shared/outbox.py, `collecting`), and a row of a rolled-back savepoint never existed."""
+
+    def __init__(self, transaction):
+        self._transaction = transaction
+        self._mark: int | None = None
+
+    async def __aenter__(self):
+        self._mark = outbox.mark()
+        return await self._transaction.__aenter__()
+
+    async def __aexit__(self, exc_type, exc, tb):
+        try:
+            return await self._transaction.__aexit__(exc_type, exc, tb)
+        finally:
+            if exc_type is not None:
+                outbox.roll_back_to(self._mark)
+
+
+class Connection(asyncpg.Connection):
+    def transaction(self, **options) -> _Transaction:  # type: ignore[override]
+        return _Transaction(super().transaction(**options))
+
+
 async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
+        connection_class=Connection,
         server_settings={"search_path": schema, "application_name": f"danbao-{schema}"},
     )
 

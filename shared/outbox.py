@@ -1,15 +1,26 @@
 """Transactional outbox and its relay.
 
-Handlers call `add` / `add_raw` on the connection of their transaction, so an event is stored
-exactly when the state change that emits it commits. The relay publishes stored rows in id
-order with an idempotent producer (acks=all) and only then stamps them published: a crash
-between commit and publish means the row is published after the restart, never lost. A crash
-after publish and before the stamp republishes it; consumers deduplicate on event_id.
+Handlers call `add` / `add_raw` / `add_many` / `write_with` on the connection of their
+transaction, so an event is stored exactly when the state change that emits it commits. The
+relay publishes stored rows in id order with an idempotent producer (acks=all) and only then
+stamps them published: a crash between commit and publish means the row is published after the
+restart, never lost. A crash after publish and before the stamp republishes it; consumers
+deduplicate on event_id.
+
+A consumer's transaction (shared/consumer.py) hands its rows to the producer itself, right after
+its commit (`collecting`, `Relay.hand_off`): the rows are kept in memory as they are written, so
+a saga's hop needs neither the relay's wake-up (a NOTIFY) nor its read of the rows (a round
+trip). Such rows are marked `handed_off`; the relay leaves them alone for `HANDOFF_GRACE_SECONDS`
+and publishes them only if they are still unpublished then (the process died before sending
+them, or Kafka refused them).
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import asyncpg
 import structlog
@@ -24,10 +35,54 @@ log = structlog.get_logger("outbox")
 # that window publishes them again (consumers deduplicate on event_id), as after any crash
 # between publish and stamp.
 STAMP_WAIT_SECONDS = 0.5
+# How long the relay leaves a handed-off row to the consumer that wrote it (its send and stamp
+# take well under a second); after that the row counts as missed and the relay publishes it.
+HANDOFF_GRACE_SECONDS = 5.0
 
 
 def channel(schema: str) -> str:
     return f"outbox_{schema}"
+
+
+@dataclass(frozen=True)
+class Written:
+    """A row a collecting transaction wrote: what `Relay.hand_off` sends after the commit."""
+    id: int
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+# The rows written so far by the current consumer transaction (None: not collecting; rows are
+# then published by the relay, woken by a NOTIFY at commit).
+_written: contextvars.ContextVar[list[Written] | None] = contextvars.ContextVar("outbox_written", default=None)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[Written]]:
+    """Within: rows written are marked handed off and listed (no NOTIFY); the caller hands the list
+    to `Relay.hand_off` once the transaction has committed, and drops it if it did not."""
+    rows: list[Written] = []
+    token = _written.set(rows)
+    try:
+        yield rows
+    finally:
+        _written.reset(token)
+
+
+def mark() -> int | None:
+    """Where the list of written rows stands (None: not collecting); see `roll_back_to`."""
+    rows = _written.get()
+    return None if rows is None else len(rows)
+
+
+def roll_back_to(position: int | None) -> None:
+    """A savepoint (or the transaction) rolled back: forget the rows written since `mark()`, which
+    no longer exist. shared/db.py's connections call it for every `transaction()` that fails."""
+    rows = _written.get()
+    if rows is not None and position is not None:
+        del rows[position:]
 
 
 async def add(conn: asyncpg.Connection, topic: str, key: str | None, envelope: dict[str, Any]) -> None:
@@ -38,80 +93,174 @@ async def add(conn: asyncpg.Connection, topic: str, key: str | None, envelope: d
 
 async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value: bytes | None,
                   headers: list[tuple[str, bytes]] = ()) -> None:
-    # One round trip: the row and the relay's wake-up call (delivered at commit, deduplicated
-    # by Postgres within the transaction).
-    await conn.execute(
-        """WITH row AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
-                        VALUES ($1, $2, $3, $4, $5) RETURNING 1)
-           SELECT pg_notify('outbox_' || current_schema(), '') FROM row""",
-        topic, key, value, [k for k, _ in headers], [v for _, v in headers],
-    )
+    header_keys, header_values = [k for k, _ in headers], [v for _, v in headers]
+    written = _written.get()
+    if written is None:
+        # One round trip: the row and the relay's wake-up call (delivered at commit, deduplicated
+        # by Postgres within the transaction).
+        await conn.execute(
+            """WITH row AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
+                            VALUES ($1, $2, $3, $4, $5) RETURNING 1)
+               SELECT pg_notify('outbox_' || current_schema(), '') FROM row""",
+            topic, key, value, header_keys, header_values)
+        return
+    id_ = await conn.fetchval(
+        """INSERT INTO outbox (topic, key, value, header_keys, header_values, handed_off)
+           VALUES ($1, $2, $3, $4, $5, true) RETURNING id""", topic, key, value, header_keys, header_values)
+    written.append(Written(id_, topic, key, value, tuple(headers)))
 
 
 Row = tuple[str, str | None, dict[str, Any]]  # (topic, key, envelope)
 
-# The relay's wake-up call, once for any number of rows (delivered at commit, deduplicated by
-# Postgres within the transaction); `emitted` is the rows' data-modifying CTE.
-NOTIFY_EMITTED = "SELECT pg_notify('outbox_' || current_schema(), '') FROM (SELECT 1 FROM emitted LIMIT 1) AS any_row"
 
-
-def emitting(rows: list[Row], first: int) -> tuple[str, list]:
-    """`add_many`'s insert as the CTE `emitted` of a caller's statement, its parameters numbered
-    from `$first`: (the CTE, its arguments). End the statement with `NOTIFY_EMITTED`."""
+def _emitted(rows: list[Row], first: int, handed_off: bool) -> tuple[str, list, list[tuple]]:
+    """The rows' insert as the CTE `emitted` (returning each row's id), its parameters numbered
+    from `$first`: (the CTE, its arguments, the rows encoded: (topic, key, value, headers))."""
     n = [f"${first + i}" for i in range(5)]
     topics_, keys, values = ([t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
                              [events.encode(e) for _, _, e in rows])
+    flag = ", true" if handed_off else ""
+    flag_column = ", handed_off" if handed_off else ""
     if not tracing.ENABLED:
-        return (f"""emitted AS (INSERT INTO outbox (topic, key, value)
-                         SELECT t, k, v FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[])
+        return (f"""emitted AS (INSERT INTO outbox (topic, key, value{flag_column})
+                         SELECT t, k, v{flag} FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[])
                               WITH ORDINALITY AS u(t, k, v, n)
-                         ORDER BY n RETURNING 1)""", [topics_, keys, values])
+                         ORDER BY n RETURNING id)""", [topics_, keys, values],
+                [(t, k, v, ()) for t, k, v in zip(topics_, keys, values)])
     # Tracing on: each row's traceparent / tracestate headers (NULL: none).
-    parents, states = [], []
+    parents, states, headers = [], [], []
     for _, _, e in rows:
-        headers = dict(tracing.outbox_headers(e))
-        parents.append(headers.get("traceparent"))
-        states.append(headers.get("tracestate"))
-    return (f"""emitted AS (INSERT INTO outbox (topic, key, value, header_keys, header_values)
+        h = tracing.outbox_headers(e)
+        headers.append(tuple(h))
+        h = dict(h)
+        parents.append(h.get("traceparent"))
+        states.append(h.get("tracestate"))
+    return (f"""emitted AS (INSERT INTO outbox (topic, key, value, header_keys, header_values{flag_column})
                      SELECT t, k, v,
                             CASE WHEN tp IS NULL THEN '{{}}'::text[] WHEN ts IS NULL THEN ARRAY['traceparent']
                                  ELSE ARRAY['traceparent', 'tracestate'] END,
                             CASE WHEN tp IS NULL THEN '{{}}'::bytea[] WHEN ts IS NULL THEN ARRAY[tp]
-                                 ELSE ARRAY[tp, ts] END
+                                 ELSE ARRAY[tp, ts] END{flag}
                      FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[], {n[3]}::bytea[], {n[4]}::bytea[])
                           WITH ORDINALITY AS u(t, k, v, tp, ts, n)
-                     ORDER BY n RETURNING 1)""", [topics_, keys, values, parents, states])
+                     ORDER BY n RETURNING id)""", [topics_, keys, values, parents, states],
+            [(t, k, v, h) for t, k, v, h in zip(topics_, keys, values, headers)])
+
+
+async def write_with(conn: asyncpg.Connection, ctes: str | None, args: list, rows: list[Row]) -> None:
+    """Run the caller's data-modifying `ctes` (parameters `$1`..`$len(args)`) and insert the outbox
+    `rows` in the same statement: a round trip for both. Ids follow the list order."""
+    if not rows:
+        if ctes:
+            raise ValueError("write_with needs rows to emit")
+        return
+    written = _written.get()
+    cte, emit_args, encoded = _emitted(rows, len(args) + 1, written is not None)
+    head = f"WITH {ctes}, {cte}" if ctes else f"WITH {cte}"
+    if written is None:
+        # The relay's wake-up call, once for any number of rows (delivered at commit).
+        await conn.execute(f"{head} SELECT pg_notify('outbox_' || current_schema(), '') "
+                           "FROM (SELECT 1 FROM emitted LIMIT 1) AS any_row", *args, *emit_args)
+        return
+    ids = sorted(r[0] for r in await conn.fetch(f"{head} SELECT id FROM emitted", *args, *emit_args))
+    written.extend(Written(id_, *row) for id_, row in zip(ids, encoded))
 
 
 async def add_many(conn: asyncpg.Connection, rows: list[Row]) -> None:
     """`add` for many (topic, key, envelope) rows in one statement; ids follow the list order."""
-    if not rows:
-        return
-    cte, args = emitting(rows, 1)
-    await conn.execute(f"WITH {cte} {NOTIFY_EMITTED}", *args)
+    await write_with(conn, None, [], rows)
 
 
 class Relay:
     """Publishes one schema's outbox. One relay per schema is active at a time (advisory lock),
-    which keeps per-key order when several copies of a service run."""
+    which keeps per-key order when several copies of a service run. Every copy sends and stamps
+    the rows its own consumer hands off (`hand_off`)."""
 
     def __init__(self, dsn: str, schema: str, pool: asyncpg.Pool, producer: AIOKafkaProducer,
-                 batch_size: int = 500, retention_hours: int = 24):
+                 batch_size: int = 500, retention_hours: int = 24,
+                 handoff_grace_seconds: float = HANDOFF_GRACE_SECONDS):
         self.dsn, self.schema, self.pool, self.producer = dsn, schema, pool, producer
         self.batch_size = batch_size
         self.retention_hours = retention_hours
+        self.handoff_grace_seconds = handoff_grace_seconds
         self._wake = asyncio.Event()
-        # Fault injection for the restart-safety test: die after reading rows, before publishing.
+        self._handed: set[int] = set()  # handed off and not stamped yet: the sweep leaves them alone
+        self._sent: list[int] = []      # handed off, in Kafka, to stamp
+        self._sending: set[asyncio.Task] = set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._run_locked()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Kafka or Postgres away: keep the rows, try again
-                log.warning("outbox relay error, retrying", error=repr(exc))
-                await asyncio.sleep(1)
+        stamper = asyncio.create_task(self._stamp_handed_off(), name="outbox-stamper")
+        try:
+            while True:
+                try:
+                    await self._run_locked()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Kafka or Postgres away: keep the rows, try again
+                    log.warning("outbox relay error, retrying", error=repr(exc))
+                    await asyncio.sleep(1)
+        finally:
+            stamper.cancel()
+            await asyncio.gather(stamper, return_exceptions=True)
+
+    async def hand_off(self, rows: list[Written]) -> None:
+        """Send the rows a transaction wrote (`collecting`) right after its commit, in their order;
+        they are stamped once Kafka has them all. Never raises and never waits for the broker: a
+        row that is not sent stays unpublished, and the active relay sends it after
+        `handoff_grace_seconds`."""
+        if not rows:
+            return
+        ids = [r.id for r in rows]
+        self._handed.update(ids)
+        try:
+            futures, spans = await self._send(rows)
+        except Exception as exc:
+            log.warning("outbox hand-off failed; the relay will publish the rows", rows=len(rows), error=repr(exc))
+            self._handed.difference_update(ids)
+            return
+        task = asyncio.create_task(self._await_sent(rows, futures, spans))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _await_sent(self, rows: list[Written], futures: list, spans: list) -> None:
+        try:
+            await asyncio.gather(*futures)
+        except BaseException as exc:
+            tracing.end_all(spans, exc)
+            self._handed.difference_update(r.id for r in rows)
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("outbox hand-off not acknowledged; the relay will publish the rows",
+                            rows=len(rows), error=repr(exc))
+            return
+        tracing.end_all(spans)
+        for r in rows:
+            metrics.OUTBOX_PUBLISHED.labels(topic=r.topic).inc()
+        self._sent.extend(r.id for r in rows)
+
+    async def _stamp_handed_off(self) -> None:
+        """Stamp the handed-off rows Kafka has, every `STAMP_WAIT_SECONDS`, in one statement; at
+        shutdown once more (a row left unstamped is published again after the restart)."""
+        try:
+            while True:
+                await asyncio.sleep(STAMP_WAIT_SECONDS)
+                await self._stamp_sent()
+        finally:
+            with contextlib.suppress(BaseException):
+                if self._sending:
+                    await asyncio.wait(set(self._sending), timeout=1.0)
+                await asyncio.wait_for(self._stamp_sent(), timeout=2.0)
+
+    async def _stamp_sent(self) -> None:
+        ids, self._sent = self._sent, []
+        if not ids:
+            return
+        try:
+            await self._stamp(ids)
+        except Exception as exc:  # Postgres away: try again with the next ones
+            self._sent = ids + self._sent
+            log.warning("stamping handed-off outbox rows failed, retrying", error=repr(exc))
+            return
+        self._handed.difference_update(ids)
 
     async def _run_locked(self) -> None:
         lock_conn = await asyncpg.connect(self.dsn, server_settings={"application_name": f"danbao-{self.schema}-relay"})
@@ -149,40 +298,55 @@ class Relay:
                 return False
         return True
 
-    async def _stamp_and_fetch(self, published: list[int]) -> list[asyncpg.Record]:
+    async def _stamp_and_fetch(self, published: list[int]) -> list[Written]:
         """Stamp the rows of the last run (if any) and read the next ones, in one round trip while more
-        rows keep coming (the read's snapshot does not see the stamp, hence the id filter)."""
-        return await self.pool.fetch(
+        rows keep coming (the read's snapshot does not see the stamp, hence the id filter). Rows
+        handed off to a consumer's producer are left to it for `handoff_grace_seconds`, and for
+        good while this process has them in hand."""
+        rows = await self.pool.fetch(
             """WITH stamped AS (UPDATE outbox SET published_at = now() WHERE id = ANY($2::bigint[]))
                SELECT id, topic, key, value, header_keys, header_values FROM outbox
-               WHERE published_at IS NULL AND id <> ALL($2::bigint[]) ORDER BY id LIMIT $1""",
-            self.batch_size, published)
+               WHERE published_at IS NULL AND id <> ALL($2::bigint[]) AND id <> ALL($3::bigint[])
+                 AND (NOT handed_off OR created_at < now() - make_interval(secs => $4))
+               ORDER BY id LIMIT $1""",
+            self.batch_size, published, list(self._handed), self.handoff_grace_seconds)
+        return [Written(r["id"], r["topic"], r["key"], r["value"], tuple(zip(r["header_keys"], r["header_values"])))
+                for r in rows]
 
     async def _stamp(self, published: list[int]) -> None:
         if published:
             await self.pool.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", published)
 
-    async def _publish(self, rows: list[asyncpg.Record]) -> list[int]:
-        """Send the rows in id order and wait until Kafka has them all; their ids."""
-        if not rows:
-            return []
+    async def _send(self, rows: list[Written]) -> tuple[list, list]:
+        """Hand the rows to the producer in order: (their delivery futures, their `send` spans)."""
         futures, spans = [], []
         try:
             for r in rows:
-                headers = list(zip(r["header_keys"], r["header_values"]))
+                headers = list(r.headers)
                 if tracing.ENABLED and headers:  # a `send` span per traced row; its traceparent goes out
-                    headers, span = tracing.publishing(r["topic"], headers, r["key"])
+                    headers, span = tracing.publishing(r.topic, headers, r.key)
                     if span is not None:
                         spans.append(span)
-                futures.append(await self.producer.send(r["topic"], value=r["value"], key=r["key"], headers=headers))
+                futures.append(await self.producer.send(r.topic, value=r.value, key=r.key, headers=headers))
+        except BaseException as exc:
+            tracing.end_all(spans, exc)
+            raise
+        return futures, spans
+
+    async def _publish(self, rows: list[Written]) -> list[int]:
+        """Send the rows in id order and wait until Kafka has them all; their ids."""
+        if not rows:
+            return []
+        futures, spans = await self._send(rows)
+        try:
             await asyncio.gather(*futures)
         except BaseException as exc:
             tracing.end_all(spans, exc)
             raise
         tracing.end_all(spans)
         for r in rows:
-            metrics.OUTBOX_PUBLISHED.labels(topic=r["topic"]).inc()
-        return [r["id"] for r in rows]
+            metrics.OUTBOX_PUBLISHED.labels(topic=r.topic).inc()
+        return [r.id for r in rows]
 
     async def _purge(self) -> None:
         """Delete rows published more than `retention_hours` ago, from the oldest id up to the

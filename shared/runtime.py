@@ -79,13 +79,14 @@ async def run(spec: ServiceSpec) -> None:
     server = _Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None,
                                    access_log=False, lifespan="off"))
 
-    tasks = [asyncio.create_task(Relay(settings.database_url, settings.schema, pool, producer).run(), name="relay")]
+    relay = Relay(settings.database_url, settings.schema, pool, producer)
+    tasks = [asyncio.create_task(relay.run(), name="relay")]
     subscriptions = spec.subscriptions(ctx)
     if subscriptions:
         loop_ = ConsumerLoop(bootstrap=settings.kafka_bootstrap_servers, group_id=spec.name, pool=pool,
                              subscriptions=subscriptions, security=security,
                              gather_ms=settings.consumer_gather_ms, gather_records=settings.consumer_gather_records,
-                             commit_ms=settings.consumer_commit_ms,
+                             commit_ms=settings.consumer_commit_ms, hand_off=relay.hand_off,
                              before_batch=clock.refresh if clock.controllable else None)
         tasks.append(asyncio.create_task(loop_.run(), name="consumer"))
     tasks += [asyncio.create_task(f(ctx), name=f.__name__) for f in spec.loops]

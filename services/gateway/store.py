@@ -127,9 +127,7 @@ async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list
         if not emit:
             await conn.execute(update, db.json_rows(rows), now, keys)
             continue
-        emitted, args = outbox.emitting(list(emit), 4)
-        await conn.execute(f"WITH updated AS ({update}), {emitted} {outbox.NOTIFY_EMITTED}",
-                           db.json_rows(rows), now, keys, *args)
+        await outbox.write_with(conn, f"updated AS ({update})", [db.json_rows(rows), now, keys], list(emit))
         emit = ()
     await outbox.add_many(conn, list(emit))  # no column changed anywhere: the rows alone
 

@@ -193,3 +193,97 @@ async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infr
     assert await applied_times(pool, "u-boom") is None  # the savepoint rolled its half-effect back
     assert dict(records[0].headers)["error.code"] == b"HANDLER_ERROR"
     assert json.loads(records[0].value)["data"]["user_id"] == "u-boom"
+
+
+# ------------------------------------------------------------ hand-off of a consumer's rows
+
+async def _forwarding_loop(infra, schema, topic, pool, producer, out: str, fail_for: str | None = None):
+    """A consumer whose handler writes an outbox row to `out` per record (and then raises for
+    `fail_for`), handing its committed rows to a relay that is not the active one (another
+    connection holds its advisory lock): whatever reaches `out` was handed off."""
+    relay = Relay(infra.database_url, schema, pool, producer)
+
+    async def forward(conn, env, data):
+        await outbox.add(conn, out, data.user_id, registered(data.user_id))
+        if data.user_id == fail_for:
+            raise ValueError("rule violated")
+
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": forward}, SCHEMAS)],
+                        hand_off=relay.hand_off)
+    return [asyncio.create_task(relay.run()), asyncio.create_task(loop.run())]
+
+
+async def test_a_consumer_hands_its_committed_rows_to_kafka_and_stamps_them(infra, scratch, kafka):
+    schema, topic, pool = scratch
+    out = f"{topic}.out"
+    await ensure_topics(infra.kafka, [out], partitions=1)
+    start = await kafka.end_offsets(out)
+    lock = await asyncpg.connect(infra.database_url)
+    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    tasks = await _forwarding_loop(infra, schema, topic, pool, producer, out)
+    try:
+        for i in range(3):
+            await kafka.send(topic, registered(f"u-h{i}"), key=f"u-h{i}")
+        records = await kafka.read(out, start, until=lambda rs: len(rs) >= 3)
+        assert sorted(json.loads(r.value)["data"]["user_id"] for r in records) == ["u-h0", "u-h1", "u-h2"]
+        await eventually(lambda: pool.fetchval(
+            "SELECT count(*) = 3 FROM outbox WHERE handed_off AND published_at IS NOT NULL"), timeout=5)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await producer.stop()
+        await lock.close()
+
+
+async def test_rows_of_a_rolled_back_savepoint_are_not_handed_off(infra, scratch, kafka):
+    schema, topic, pool = scratch
+    out = f"{topic}.out"
+    await ensure_topics(infra.kafka, [out], partitions=1)
+    start = await kafka.end_offsets(out)
+    lock = await asyncpg.connect(infra.database_url)
+    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    tasks = await _forwarding_loop(infra, schema, topic, pool, producer, out, fail_for="u-boom")
+    try:
+        await kafka.send(topic, registered("u-boom"), key="k")  # its row is written, then the handler fails
+        await kafka.send(topic, registered("u-fine"), key="k")
+        records = await kafka.read(out, start, until=lambda rs: any(b"u-fine" in r.value for r in rs))
+        await asyncio.sleep(1)  # a row handed off with u-fine's batch would be in Kafka by now
+        records = await kafka.read(out, start, until=lambda rs: len(rs) >= len(records))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await producer.stop()
+        await lock.close()
+    assert [json.loads(r.value)["data"]["user_id"] for r in records] == ["u-fine"]
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE key = 'u-boom'") == 0
+
+
+async def test_relay_publishes_a_handed_off_row_left_unsent_after_the_grace(infra, scratch):
+    """The state a consumer leaves when it dies between its commit and its hand-off."""
+    schema, topic, pool = scratch
+    with outbox.collecting() as written:
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, topic, "u-orphan", registered("u-orphan"))
+    assert len(written) == 1
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    relay = Relay(infra.database_url, schema, pool, producer, handoff_grace_seconds=1.5)
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": count_applied}, SCHEMAS)])
+    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(loop.run())]
+    try:
+        assert await eventually(lambda: applied_times(pool, "u-orphan")) == 1
+        waited = await eventually(lambda: pool.fetchval("SELECT extract(epoch FROM published_at - created_at) FROM outbox"))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await producer.stop()
+    assert waited >= 1.5  # left to its writer for the grace period, then published by the relay
