@@ -113,38 +113,63 @@ async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value
 Row = tuple[str, str | None, dict[str, Any]]  # (topic, key, envelope)
 
 
-def _emitted(rows: list[Row], first: int, handed_off: bool) -> tuple[str, list, list[tuple]]:
-    """The rows' insert as the CTE `emitted` (returning each row's id), its parameters numbered
-    from `$first`: (the CTE, its arguments, the rows encoded: (topic, key, value, headers))."""
-    n = [f"${first + i}" for i in range(5)]
+NOTIFY_EMITTED = ("SELECT pg_notify('outbox_' || current_schema(), '') "
+                  "FROM (SELECT 1 FROM emitted LIMIT 1) AS any_row")
+
+
+@dataclass
+class Emitting:
+    """Outbox rows written by a caller's own statement: `cte` (named `emitted`, returning each row's
+    id) goes in its WITH list, `args` after its own parameters. Not collecting: the statement must
+    also run `NOTIFY_EMITTED` (the relay's wake-up call). Collecting: it must return the ids
+    (`SELECT id FROM emitted`), which the caller passes to `written` after the statement."""
+    cte: str
+    args: list
+    encoded: list[tuple]  # (topic, key, value, headers) per row, in order
+    collecting: bool
+
+    def written(self, ids: list[int], kept: list[int] | None = None) -> None:
+        """The ids the statement returned; `kept`: the indexes of the rows a guard let through, in
+        order (default: all of them)."""
+        rows = _written.get()
+        if rows is None:
+            return
+        encoded = self.encoded if kept is None else [self.encoded[i] for i in kept]
+        if len(ids) != len(encoded):
+            raise RuntimeError(f"{len(ids)} outbox ids for {len(encoded)} rows")
+        rows.extend(Written(id_, *row) for id_, row in zip(sorted(ids), encoded))
+
+
+def emitting(rows: list[Row], first: int, *, guard: tuple[str, list[str]] | None = None) -> Emitting:
+    """The rows' insert as the CTE `emitted`, its parameters numbered from `$first`. `guard`: (a
+    set the statement computes, e.g. `SELECT order_id FROM inserted`; one key per row): only the
+    rows whose key is in that set are written."""
+    collecting = _written.get() is not None
+    n = [f"${first + i}" for i in range(6)]
     topics_, keys, values = ([t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
                              [events.encode(e) for _, _, e in rows])
-    flag = ", true" if handed_off else ""
-    flag_column = ", handed_off" if handed_off else ""
-    if not tracing.ENABLED:
-        return (f"""emitted AS (INSERT INTO outbox (topic, key, value{flag_column})
-                         SELECT t, k, v{flag} FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[])
-                              WITH ORDINALITY AS u(t, k, v, n)
-                         ORDER BY n RETURNING id)""", [topics_, keys, values],
-                [(t, k, v, ()) for t, k, v in zip(topics_, keys, values)])
-    # Tracing on: each row's traceparent / tracestate headers (NULL: none).
-    parents, states, headers = [], [], []
-    for _, _, e in rows:
-        h = tracing.outbox_headers(e)
-        headers.append(tuple(h))
-        h = dict(h)
-        parents.append(h.get("traceparent"))
-        states.append(h.get("tracestate"))
-    return (f"""emitted AS (INSERT INTO outbox (topic, key, value, header_keys, header_values{flag_column})
-                     SELECT t, k, v,
-                            CASE WHEN tp IS NULL THEN '{{}}'::text[] WHEN ts IS NULL THEN ARRAY['traceparent']
-                                 ELSE ARRAY['traceparent', 'tracestate'] END,
-                            CASE WHEN tp IS NULL THEN '{{}}'::bytea[] WHEN ts IS NULL THEN ARRAY[tp]
-                                 ELSE ARRAY[tp, ts] END{flag}
-                     FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[], {n[3]}::bytea[], {n[4]}::bytea[])
-                          WITH ORDINALITY AS u(t, k, v, tp, ts, n)
-                     ORDER BY n RETURNING id)""", [topics_, keys, values, parents, states],
-            [(t, k, v, h) for t, k, v, h in zip(topics_, keys, values, headers)])
+    flag_column, flag = (", handed_off", ", true") if collecting else ("", "")
+    if tracing.ENABLED:  # each row's traceparent / tracestate headers (NULL: none)
+        headers = [tuple(tracing.outbox_headers(e)) for _, _, e in rows]
+        parents = [dict(h).get("traceparent") for h in headers]
+        states = [dict(h).get("tracestate") for h in headers]
+    else:
+        headers, parents, states = [()] * len(rows), [None] * len(rows), [None] * len(rows)
+    guard_keys = guard[1] if guard else [None] * len(rows)
+    if len(guard_keys) != len(rows):
+        raise ValueError("one guard key per row")
+    where = f"WHERE g IN ({guard[0]})" if guard else ""
+    cte = f"""emitted AS (INSERT INTO outbox (topic, key, value, header_keys, header_values{flag_column})
+                  SELECT t, k, v,
+                         CASE WHEN tp IS NULL THEN '{{}}'::text[] WHEN ts IS NULL THEN ARRAY['traceparent']
+                              ELSE ARRAY['traceparent', 'tracestate'] END,
+                         CASE WHEN tp IS NULL THEN '{{}}'::bytea[] WHEN ts IS NULL THEN ARRAY[tp]
+                              ELSE ARRAY[tp, ts] END{flag}
+                  FROM unnest({n[0]}::text[], {n[1]}::bytea[], {n[2]}::bytea[], {n[3]}::bytea[], {n[4]}::bytea[],
+                              {n[5]}::text[]) WITH ORDINALITY AS u(t, k, v, tp, ts, g, n)
+                  {where} ORDER BY n RETURNING id)"""
+    return Emitting(cte, [topics_, keys, values, parents, states, guard_keys],
+                    [(t, k, v, h) for t, k, v, h in zip(topics_, keys, values, headers)], collecting)
 
 
 async def write_with(conn: asyncpg.Connection, ctes: str | None, args: list, rows: list[Row]) -> None:
@@ -154,16 +179,12 @@ async def write_with(conn: asyncpg.Connection, ctes: str | None, args: list, row
         if ctes:
             raise ValueError("write_with needs rows to emit")
         return
-    written = _written.get()
-    cte, emit_args, encoded = _emitted(rows, len(args) + 1, written is not None)
-    head = f"WITH {ctes}, {cte}" if ctes else f"WITH {cte}"
-    if written is None:
-        # The relay's wake-up call, once for any number of rows (delivered at commit).
-        await conn.execute(f"{head} SELECT pg_notify('outbox_' || current_schema(), '') "
-                           "FROM (SELECT 1 FROM emitted LIMIT 1) AS any_row", *args, *emit_args)
+    e = emitting(rows, len(args) + 1)
+    head = f"WITH {ctes}, {e.cte}" if ctes else f"WITH {e.cte}"
+    if not e.collecting:
+        await conn.execute(f"{head} {NOTIFY_EMITTED}", *args, *e.args)
         return
-    ids = sorted(r[0] for r in await conn.fetch(f"{head} SELECT id FROM emitted", *args, *emit_args))
-    written.extend(Written(id_, *row) for id_, row in zip(ids, encoded))
+    e.written([r[0] for r in await conn.fetch(f"{head} SELECT id FROM emitted", *args, *e.args)])
 
 
 async def add_many(conn: asyncpg.Connection, rows: list[Row]) -> None:

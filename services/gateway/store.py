@@ -81,29 +81,57 @@ async def lock_payments(conn: asyncpg.Connection, order_ids: list[str]) -> dict[
     return {r["order_id"]: dict(r) for r in rows}
 
 
-async def insert_payments(conn: asyncpg.Connection, payments: list, now: datetime,
-                          traceparents: list[str | None] | None = None) -> set[str]:
-    """`insert_payment` for many new payments (services.gateway.saga.Payment) straight into the
-    state the saga decided for them (its state, status and timers), in one statement; returns the
-    order ids inserted (the others already had a payment). `traceparents` (tracing on only):
-    each payment's trace context, in the same order."""
+def _payment_rows(payments: list, now: datetime, traceparents: list[str | None] | None) -> list[dict]:
+    """New payments (services.gateway.saga.Payment) as rows, straight in the state the saga decided
+    for them (its state, status and timers); `traceparents` (tracing on only): each payment's
+    trace context, in the same order."""
     if traceparents is not None and len(traceparents) != len(payments):
         raise ValueError("one traceparent per payment")
-    rows = [{"order_id": p.order_id, "placed_event_id": p.placed_event_id, "payment_id": p.payment_id,
+    return [{"order_id": p.order_id, "placed_event_id": p.placed_event_id, "payment_id": p.payment_id,
              "buyer_id": p.buyer_id, "seller_id": p.seller_id, "amount": p.amount, "currency": p.currency,
              "payment_method": p.payment_method, "card_token": p.card_token, "installments": p.installments,
              "auto_confirm_days": p.auto_confirm_days, "status": p.status.value, "saga_state": p.state.value,
              "accepted_at": p.accepted_at, "updated_at": now, "next_action_at": p.next_action_at,
              "deadline_at": p.deadline_at, "traceparent": traceparents[i] if traceparents else None}
             for i, p in enumerate(payments)]
-    if not rows:
-        return set()
+
+
+async def place_orders(conn: asyncpg.Connection, now: datetime, placed: list[tuple[str, str, str, dict]],
+                       payments: list, emit: list[tuple[str, outbox.Row]],
+                       traceparents: list[str | None] | None = None) -> tuple[set[str], dict[str, list[dict]]]:
+    """New orders in one statement (a saga's first step at light load is one record): record
+    their `OrderPlaced` events (event_id, order_id, type, data) as applied, insert their payments
+    (those whose order_id has none yet), write the outbox rows of the orders inserted (`emit`: (order_id, row)),
+    and take the events parked for those orders (released). Returns the order ids inserted and
+    their parked events, oldest first (as `take_events_many`)."""
+    rows = _payment_rows(payments, now, traceparents)
     columns = ", ".join(rows[0])
-    inserted = await conn.fetch(
-        f"""INSERT INTO payments ({columns})
-            SELECT {columns} FROM jsonb_populate_recordset(NULL::payments, $1::text::jsonb)
-            ON CONFLICT (order_id) DO NOTHING RETURNING order_id""", db.json_rows(rows))
-    return {r["order_id"] for r in inserted}
+    e = outbox.emitting([row for _, row in emit], 6, guard=("SELECT order_id FROM inserted", [o for o, _ in emit]))
+    tail = "" if e.collecting else f" UNION ALL SELECT 'notify', NULL, NULL, NULL, NULL, NULL, NULL FROM ({outbox.NOTIFY_EMITTED}) AS n"
+    result = await conn.fetch(
+        f"""WITH recorded AS (INSERT INTO order_events (event_id, order_id, type, data, received_at, state)
+                              SELECT e, o, t, d::jsonb, $1, {_literals(OrderEventState.APPLIED)}
+                              FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) WITH ORDINALITY AS u(e, o, t, d, n)
+                              ORDER BY n ON CONFLICT DO NOTHING),
+                 inserted AS (INSERT INTO payments ({columns})
+                              SELECT {columns} FROM jsonb_populate_recordset(NULL::payments, ${6 + len(e.args)}::text::jsonb)
+                              ON CONFLICT (order_id) DO NOTHING RETURNING order_id),
+                 parked AS (UPDATE order_events SET state = {_literals(OrderEventState.RELEASED)}
+                            WHERE order_id IN (SELECT order_id FROM inserted) AND state = {_PARKED}
+                            RETURNING order_id, event_id, type, data, seq),
+                 {e.cte}
+            SELECT 'inserted' AS kind, order_id, NULL::bigint AS id, NULL AS event_id, NULL AS type, NULL::jsonb AS data,
+                   NULL::bigint AS seq FROM inserted
+            UNION ALL SELECT 'emitted', NULL, id, NULL, NULL, NULL, NULL FROM emitted
+            UNION ALL SELECT 'parked', order_id, NULL, event_id, type, data, seq FROM parked{tail}""",
+        now, [r[0] for r in placed], [r[1] for r in placed], [r[2] for r in placed],
+        [db.json_text(r[3]) for r in placed], *e.args, db.json_rows(rows))
+    inserted = {r["order_id"] for r in result if r["kind"] == "inserted"}
+    e.written([r["id"] for r in result if r["kind"] == "emitted"], [i for i, (o, _) in enumerate(emit) if o in inserted])
+    taken: dict[str, list[dict]] = {}
+    for r in sorted((r for r in result if r["kind"] == "parked"), key=lambda r: r["seq"]):
+        taken.setdefault(r["order_id"], []).append({k: r[k] for k in ("order_id", "event_id", "type", "data", "seq")})
+    return inserted, taken
 
 
 async def update_payments(conn: asyncpg.Connection, now: datetime, changes: list[dict],
@@ -155,18 +183,6 @@ async def record_order_event(conn: asyncpg.Connection, event_id: str, order_id: 
     await conn.execute(
         """INSERT INTO order_events (event_id, order_id, type, data, received_at, state) VALUES ($1, $2, $3, $4, $5, $6)
            ON CONFLICT DO NOTHING""", event_id, order_id, type_, data, now, state)
-
-
-async def record_order_events(conn: asyncpg.Connection, rows: list[tuple[str, str, str, dict, str]],
-                              now: datetime) -> None:
-    """`record_order_event` for many (event_id, order_id, type, data, state) in one round trip."""
-    await conn.execute(
-        """INSERT INTO order_events (event_id, order_id, type, data, received_at, state)
-           SELECT e, o, t, d::jsonb, $6, s FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                WITH ORDINALITY AS u(e, o, t, d, s, n)
-           ORDER BY n ON CONFLICT DO NOTHING""",
-        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [db.json_text(r[3]) for r in rows],
-        [r[4] for r in rows], now)
 
 
 async def take_events_many(conn: asyncpg.Connection, order_ids: list[str], state: str,

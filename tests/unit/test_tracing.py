@@ -233,35 +233,24 @@ def test_a_timer_step_without_a_kept_context_starts_no_trace(spans, kept):
     assert ids == {} and spans.get_finished_spans() == ()
 
 
-async def test_payments_keep_their_context_only_with_tracing_on():
-    """The set path's insert (services/gateway/store.py) keeps no trace context when tracing is
-    off; on, each payment gets its own traceparent in the same order."""
-    import json
+def test_payments_keep_their_context_only_with_tracing_on():
+    """The set path's payment rows (services/gateway/store.py, written by `place_orders`) keep no
+    trace context when tracing is off; on, each payment gets its own traceparent in the same order."""
     from datetime import datetime, timezone
 
     from services.gateway import saga, store
     from shared.events import OrderPlaced
 
-    class Conn:
-        def __init__(self):
-            self.rows = []
-
-        async def fetch(self, sql, rows_json):
-            assert "jsonb_populate_recordset(NULL::payments" in sql and "traceparent" in sql
-            rows = json.loads(rows_json)
-            self.rows.append(rows)
-            return [{"order_id": r["order_id"]} for r in rows]
-
     now = datetime(2026, 11, 29, tzinfo=timezone.utc)
     payments = [saga.Payment.new(OrderPlaced(order_id=o, buyer_id="b", seller_id="s", amount=100, currency="CNY",
                                              payment_method="balance"), f"e-{o}", now) for o in ("o-1", "o-2")]
-    conn = Conn()
-    assert await store.insert_payments(conn, payments, now) == {"o-1", "o-2"}
-    assert await store.insert_payments(conn, payments, now, [TRACEPARENT, None]) == {"o-1", "o-2"}
-    off, on = conn.rows
+    off = store._payment_rows(payments, now, None)
+    on = store._payment_rows(payments, now, [TRACEPARENT, None])
     assert [r["traceparent"] for r in off] == [None, None]
     assert [r["traceparent"] for r in on] == [TRACEPARENT, None]
-    assert [r["order_id"] for r in on] == ["o-1", "o-2"] and on[0]["accepted_at"] == now.isoformat()
+    assert [r["order_id"] for r in on] == ["o-1", "o-2"] and on[0]["accepted_at"] == now
+    with pytest.raises(ValueError):
+        store._payment_rows(payments, now, [TRACEPARENT])
 
 
 # Escrow's auto-confirm and credit's expiry resume the order's trace the same way.
