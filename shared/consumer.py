@@ -62,6 +62,10 @@ class Subscription:
     # event type -> set-based handler for the hot path; its leftovers (and everything, if it
     # raises) go to `handlers` one by one. Records of one set have distinct Kafka keys.
     batch_handlers: dict[str, BatchHandler] = field(default_factory=dict)
+    # For topics off a saga's path (e.g. statistics): after a batch with records of this topic,
+    # its partitions are paused for this long, so that at light load their records are applied
+    # many at a time instead of one batch (a transaction, a fetch) each. 0: never paused.
+    delay_ms: int = 0
 
     def __post_init__(self) -> None:
         if self.schemas is None:
@@ -165,6 +169,7 @@ class ConsumerLoop:
                     await asyncio.sleep(1)
                     continue
                 committer.offer({tp: records[-1].offset + 1 for tp, records in batch.items()})
+                self._delay([tp for tp in batch if self.by_topic[tp.topic].delay_ms])
                 pause = self.gather_pause(sum(len(records) for records in batch.values()))
                 if pause:
                     await asyncio.sleep(pause)
@@ -175,6 +180,19 @@ class ConsumerLoop:
             # partitions' next owner replays what was not committed; the inbox makes that a no-op.
             committer.cancel()
             await self.consumer.stop()
+
+    def _delay(self, tps: list[TopicPartition]) -> None:
+        """Pause these partitions for their topic's `delay_ms` (see Subscription)."""
+        for tp in tps:
+            self.consumer.pause(tp)
+            asyncio.get_running_loop().call_later(self.by_topic[tp.topic].delay_ms / 1000, self._resume, tp)
+
+    def _resume(self, tp: TopicPartition) -> None:
+        try:
+            if tp in self.consumer.assignment():  # a rebalance may have taken it meanwhile
+                self.consumer.resume(tp)
+        except Exception as exc:  # the consumer stopped meanwhile
+            log.debug("partition not resumed", partition=str(tp), error=repr(exc))
 
     def gather_pause(self, applied: int) -> float:
         """Seconds to wait before the next fetch after a batch of `applied` records."""

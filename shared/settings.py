@@ -168,6 +168,9 @@ class Settings:
     consumer_gather_records: int = 64
     # At most one offset commit per CONSUMER_COMMIT_MS, in the background (shared/consumer.py).
     consumer_commit_ms: int = 100
+    # How long records off a saga's path (credit's behaviour counts) may wait to be applied
+    # together (Subscription.delay_ms).
+    statistics_delay_ms: int = 500
 
     @property
     def zone(self) -> ZoneInfo:
@@ -210,4 +213,5 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
         consumer_gather_ms=env_int("CONSUMER_GATHER_MS", 20, minimum=0, maximum=1000),
         consumer_gather_records=env_int("CONSUMER_GATHER_RECORDS", 64, minimum=1, maximum=100_000),
         consumer_commit_ms=env_int("CONSUMER_COMMIT_MS", 100, minimum=0, maximum=10_000),
+        statistics_delay_ms=env_int("STATISTICS_DELAY_MS", 500, minimum=0, maximum=60_000),
     )

@@ -22,8 +22,10 @@ def subscriptions(ctx: Context) -> list[Subscription]:
         return {t: partial(h, ctx) for t, h in table.items()}
     return [
         Subscription(topics.USERS, bound({"UserRegistered": handlers.user_registered})),
+        # Behaviour counts only (no saga waits for them): applied a few times a second, many at a time.
         Subscription(topics.PAYMENTS, bound({"PaymentSucceeded": handlers.payment_succeeded}),
-                     batch_handlers=bound({"PaymentSucceeded": handlers.payments_succeeded})),
+                     batch_handlers=bound({"PaymentSucceeded": handlers.payments_succeeded}),
+                     delay_ms=ctx.settings.statistics_delay_ms),
         Subscription(topics.CREDIT_COMMANDS, bound({
             "ReserveCredit": handlers.reserve_credit, "CommitCredit": handlers.commit_credit,
             "CancelCredit": handlers.cancel_credit, "RestoreCredit": handlers.restore_credit})),

@@ -287,3 +287,30 @@ async def test_relay_publishes_a_handed_off_row_left_unsent_after_the_grace(infr
         await asyncio.gather(*tasks, return_exceptions=True)
         await producer.stop()
     assert waited >= 1.5  # left to its writer for the grace period, then published by the relay
+
+
+async def test_a_delayed_topic_waits_its_delay_and_then_comes_in_one_batch(infra, scratch, kafka):
+    """Subscription.delay_ms: after a batch with records of the topic, its partitions pause that
+    long; what arrived meanwhile is applied together afterwards, nothing lost."""
+    schema, topic, pool = scratch
+    applied_at: dict[str, float] = {}
+
+    async def stamp(conn, env, data):
+        await count_applied(conn, env, data)
+        applied_at[data.user_id] = asyncio.get_running_loop().time()
+
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": stamp}, SCHEMAS, delay_ms=1500)])
+    task = asyncio.create_task(loop.run())
+    try:
+        await kafka.send(topic, registered("u-d0"), key="k")
+        await eventually(lambda: applied_times(pool, "u-d0"))
+        for i in (1, 2, 3):
+            await kafka.send(topic, registered(f"u-d{i}"), key="k")
+        for i in (1, 2, 3):
+            assert await eventually(lambda: applied_times(pool, f"u-d{i}")) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert applied_at["u-d1"] - applied_at["u-d0"] >= 1.4  # the partition paused after u-d0's batch
+    assert applied_at["u-d3"] - applied_at["u-d1"] < 0.5   # then the three came together
