@@ -54,15 +54,15 @@ async def apply_many(ctx: Context, conn: asyncpg.Connection, decisions: list[tup
     now = ctx.clock.now()
     assert all(d.refund is None for _, d, _ in decisions), "refunds are applied one by one"
     saved = [(d.escrow, t) for (_, d, _), t in zip(decisions, traceparents or repeat(None)) if d.escrow is not None]
-    await store.save_many(conn, [e for e, _ in saved], now,
-                          [t for _, t in saved] if traceparents is not None else None)
+    # The escrows and their events in one statement, then the ledger (same transaction).
+    await store.save_many(conn, [e for e, _ in saved], now, [t for _, t in saved] if traceparents is not None else None,
+                          emit=[(topics.ESCROW_EVENTS, order_id,
+                                 events.new_event(event, source=SOURCE, occurred_at=now, correlation_id=order_id,
+                                                  causation_id=cause))
+                                for order_id, d, cause in decisions for event in d.emit])
     await ledger.transfer_many(conn, [
         ledger.NewTransfer(t.id, t.debit, t.credit, t.amount, t.code, order_id=order_id)
         for order_id, d, _ in decisions for t in d.transfers], now)
-    await outbox.add_many(conn, [
-        (topics.ESCROW_EVENTS, order_id, events.new_event(event, source=SOURCE, occurred_at=now,
-                                                          correlation_id=order_id, causation_id=cause))
-        for order_id, d, cause in decisions for event in d.emit])
 
 
 async def holds(ctx: Context, conn: asyncpg.Connection, items: list[tuple[Envelope, HoldFunds]]) -> list:

@@ -7,7 +7,7 @@ from datetime import datetime
 import asyncpg
 
 from services.escrow.domain import Escrow, Refund, RefundKind, RefundState, Status
-from shared import db
+from shared import db, outbox
 
 _FIELDS = [f.name for f in dataclasses.fields(Escrow)]
 _COLUMNS = ", ".join(_FIELDS)
@@ -78,16 +78,21 @@ async def save(conn: asyncpg.Connection, escrow: Escrow, now: datetime, tracepar
 
 
 async def save_many(conn: asyncpg.Connection, escrows: list[Escrow], now: datetime,
-                    traceparents: list[str | None] | None = None) -> None:
+                    traceparents: list[str | None] | None = None, emit: list[outbox.Row] = ()) -> None:
     """`save` for many (distinct orders), in one statement; `traceparents` (tracing on only):
-    each escrow's, in the same order."""
+    each escrow's, in the same order. `emit`: outbox rows written by the same statement (a round
+    trip less per batch)."""
     if not escrows:
+        await outbox.add_many(conn, list(emit))
         return
     if traceparents is not None and len(traceparents) != len(escrows):
         raise ValueError("one traceparent per escrow")
     rows = [dict(zip(_FIELDS, _values(e)), traceparent=traceparents[i] if traceparents else None)
             for i, e in enumerate(escrows)]
-    await conn.execute(_SAVE_MANY, db.json_rows(rows), now)
+    if emit:
+        await outbox.write_with(conn, f"saved AS ({_SAVE_MANY})", [db.json_rows(rows), now], list(emit))
+    else:
+        await conn.execute(_SAVE_MANY, db.json_rows(rows), now)
 
 
 _SAVE_MANY = f"""INSERT INTO escrows ({_COLUMNS}, created_at, updated_at, traceparent)

@@ -330,8 +330,9 @@ async def test_the_set_path_gives_each_new_hold_its_own_records_context(traced, 
     async def nothing(*args, **kwargs):
         return {}
 
-    async def save_many(conn, escrows, now, traceparents=None):
+    async def save_many(conn, escrows, now, traceparents=None, emit=()):
         saved.append(([e.order_id for e in escrows], traceparents))
+        assert [key for _, key, _ in emit] == ["o-1", "o-2"]  # each new hold's FundsHeld, in the same statement
 
     monkeypatch.setattr(store, "lock_many", nothing)
     monkeypatch.setattr(store, "save_many", save_many)
