@@ -119,12 +119,8 @@ class ConsumerLoop:
                  subscriptions: list[Subscription], max_records: int = 500,
                  before_batch: Callable[[], Awaitable[Any]] | None = None,
                  security: kafka.Security | None = None, gather_ms: int = 0, gather_records: int = 64,
-                 commit_ms: int = 0, hand_off: Callable[[list[outbox.Written]], Awaitable[None]] | None = None):
+                 commit_ms: int = 0):
         self.pool = pool
-        # Relay.hand_off: the outbox rows of each committed batch go straight to the producer (a
-        # saga's hop then waits for neither the relay's wake-up nor its read). None: the relay
-        # publishes them.
-        self.hand_off = hand_off
         self.commit_seconds = commit_ms / 1000
         # Under load, a pause before the next fetch lets records gather, so that each batch's
         # fixed cost (a transaction, a dozen statements, a fetch) is shared by more of
@@ -183,8 +179,15 @@ class ConsumerLoop:
 
     def _delay(self, tps: list[TopicPartition]) -> None:
         """Pause these partitions for their topic's `delay_ms` (see Subscription)."""
+        assigned = self.consumer.assignment()
         for tp in tps:
-            self.consumer.pause(tp)
+            if tp not in assigned:  # a rebalance took it while the batch was applied
+                continue
+            try:
+                self.consumer.pause(tp)
+            except Exception as exc:  # in the middle of a rebalance: no pause this time
+                log.debug("partition not paused", partition=str(tp), error=repr(exc))
+                continue
             asyncio.get_running_loop().call_later(self.by_topic[tp.topic].delay_ms / 1000, self._resume, tp)
 
     def _resume(self, tp: TopicPartition) -> None:
@@ -231,11 +234,10 @@ class ConsumerLoop:
         by_topic: dict[str, list[Any]] = {}
         for tp, records in batch.items():
             by_topic.setdefault(tp.topic, []).extend(records)
-        with outbox.collecting() if self.hand_off else contextlib.nullcontext() as written:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await self._apply_in(conn, by_topic, sets)
-        if written:
-            await self.hand_off(written)
+        # In a service the transaction hands its outbox rows to the producer as it commits
+        # (shared/db.py, outbox.hand_off_to): the next hop does not wait for the relay.
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._apply_in(conn, by_topic, sets)
 
     async def _apply_in(self, conn: asyncpg.Connection, by_topic: dict[str, list[Any]], sets: bool) -> None:
         decoded: dict[str, list[_Decoded]] = {}

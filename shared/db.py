@@ -48,29 +48,54 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 class _Transaction:
-    """asyncpg's transaction (or savepoint) that also forgets the outbox rows written in it when it
-    rolls back: a consumer hands the rows of its committed transaction to the producer from
-    memory (shared/outbox.py, `collecting`), and a row of a rolled-back savepoint never existed."""
+    """asyncpg's transaction (or savepoint) with the outbox's hand-off (shared/outbox.py): once the
+    process hands off (`outbox.hand_off_to`), a top-level transaction collects the outbox rows
+    written in it and hands them over right after its commit, so the process sends its rows in
+    the order its transactions commit; a transaction or savepoint that rolls back forgets the
+    rows written in it (they never existed)."""
 
-    def __init__(self, transaction):
-        self._transaction = transaction
+    def __init__(self, conn: asyncpg.Connection, transaction):
+        self._conn, self._transaction = conn, transaction
         self._mark: int | None = None
+        self._target = None      # where a top-level transaction's rows go after its commit
+        self._collecting = None  # outbox.collecting() of that transaction, and its rows
+        self._rows: list = []
 
     async def __aenter__(self):
+        target = outbox.handing_off()
+        if target is not None and not self._conn.is_in_transaction():
+            self._target, self._collecting = target, outbox.collecting()
+            self._rows = self._collecting.__enter__()
         self._mark = outbox.mark()
-        return await self._transaction.__aenter__()
+        try:
+            return await self._transaction.__aenter__()
+        except BaseException:
+            self._stop_collecting()
+            raise
 
     async def __aexit__(self, exc_type, exc, tb):
         try:
-            return await self._transaction.__aexit__(exc_type, exc, tb)
-        finally:
-            if exc_type is not None:
-                outbox.roll_back_to(self._mark)
+            result = await self._transaction.__aexit__(exc_type, exc, tb)  # the commit, or the rollback
+        except BaseException:  # the commit failed: nothing was written
+            outbox.roll_back_to(self._mark)
+            self._stop_collecting()
+            raise
+        if exc_type is not None:
+            outbox.roll_back_to(self._mark)
+        self._stop_collecting()
+        if self._rows and exc_type is None:
+            await self._target(self._rows)
+        return result
+
+    def _stop_collecting(self) -> None:
+        if self._collecting is not None:
+            self._collecting.__exit__(None, None, None)
+            self._collecting = None
 
 
 class Connection(asyncpg.Connection):
     def transaction(self, **options) -> _Transaction:  # type: ignore[override]
-        return _Transaction(super().transaction(**options))
+        return _Transaction(self, super().transaction(**options))
 
 
 async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:

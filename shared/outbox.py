@@ -7,12 +7,13 @@ stamps them published: a crash between commit and publish means the row is publi
 restart, never lost. A crash after publish and before the stamp republishes it; consumers
 deduplicate on event_id.
 
-A consumer's transaction (shared/consumer.py) hands its rows to the producer itself, right after
-its commit (`collecting`, `Relay.hand_off`): the rows are kept in memory as they are written, so
-a saga's hop needs neither the relay's wake-up (a NOTIFY) nor its read of the rows (a round
-trip). Such rows are marked `handed_off`; the relay leaves them alone for `HANDOFF_GRACE_SECONDS`
-and publishes them only if they are still unpublished then (the process died before sending
-them, or Kafka refused them).
+In a service process every transaction hands its rows to the producer itself, right after its
+commit (`hand_off_to`, `collecting`, `Relay.hand_off`; shared/db.py wraps the pool connections'
+`transaction()`): the rows are kept in memory as they are written, so a saga's hop needs neither
+the relay's wake-up (a NOTIFY) nor its read of the rows (a round trip), and the process sends
+its rows in the order its transactions commit. Such rows are marked `handed_off`; the relay
+leaves them alone for `HANDOFF_GRACE_SECONDS` and publishes them only if they are still
+unpublished then (the process died before sending them, or Kafka refused them).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 import asyncpg
 import structlog
@@ -57,6 +58,21 @@ class Written:
 # The rows written so far by the current consumer transaction (None: not collecting; rows are
 # then published by the relay, woken by a NOTIFY at commit).
 _written: contextvars.ContextVar[list[Written] | None] = contextvars.ContextVar("outbox_written", default=None)
+
+
+# Where this process's committed rows go (Relay.hand_off; None: nowhere, the relay publishes them).
+_target: Callable[[list[Written]], Awaitable[None]] | None = None
+
+
+def hand_off_to(target: Callable[[list[Written]], Awaitable[None]] | None) -> None:
+    """From now on every transaction on a pool connection (shared/db.py) collects its rows and hands
+    them to `target` after its commit (None: stop)."""
+    global _target
+    _target = target
+
+
+def handing_off() -> Callable[[list[Written]], Awaitable[None]] | None:
+    return _target
 
 
 @contextlib.contextmanager
@@ -105,8 +121,8 @@ async def add_raw(conn: asyncpg.Connection, topic: str, key: bytes | None, value
             topic, key, value, header_keys, header_values)
         return
     id_ = await conn.fetchval(
-        """INSERT INTO outbox (topic, key, value, header_keys, header_values, handed_off)
-           VALUES ($1, $2, $3, $4, $5, true) RETURNING id""", topic, key, value, header_keys, header_values)
+        """INSERT INTO outbox (topic, key, value, header_keys, header_values, handed_off, created_at)
+           VALUES ($1, $2, $3, $4, $5, true, clock_timestamp()) RETURNING id""", topic, key, value, header_keys, header_values)
     written.append(Written(id_, topic, key, value, tuple(headers)))
 
 
@@ -148,7 +164,9 @@ def emitting(rows: list[Row], first: int, *, guard: tuple[str, list[str]] | None
     n = [f"${first + i}" for i in range(6)]
     topics_, keys, values = ([t for t, _, _ in rows], [k.encode() if k is not None else None for _, k, _ in rows],
                              [events.encode(e) for _, _, e in rows])
-    flag_column, flag = (", handed_off", ", true") if collecting else ("", "")
+    # Handed-off rows: created_at is the insert's time (not the transaction's start), which the
+    # relay's grace period counts from.
+    flag_column, flag = (", handed_off, created_at", ", true, clock_timestamp()") if collecting else ("", "")
     if tracing.ENABLED:  # each row's traceparent / tracestate headers (NULL: none)
         headers = [tuple(tracing.outbox_headers(e)) for _, _, e in rows]
         parents = [dict(h).get("traceparent") for h in headers]

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 from fastapi import APIRouter
 
-from shared import db, http, kafka, logs, settings as settings_mod, topics, tracing
+from shared import db, http, kafka, logs, outbox, settings as settings_mod, topics, tracing
 from shared.clock import ControllableClock, SystemClock, make_clock
 from shared.consumer import ConsumerLoop, Subscription
 from shared.outbox import Relay
@@ -80,13 +80,16 @@ async def run(spec: ServiceSpec) -> None:
                                    access_log=False, lifespan="off"))
 
     relay = Relay(settings.database_url, settings.schema, pool, producer)
+    # Every transaction of this process sends its outbox rows itself once committed (shared/db.py);
+    # the relay publishes only what was missed, and other writers' rows.
+    outbox.hand_off_to(relay.hand_off)
     tasks = [asyncio.create_task(relay.run(), name="relay")]
     subscriptions = spec.subscriptions(ctx)
     if subscriptions:
         loop_ = ConsumerLoop(bootstrap=settings.kafka_bootstrap_servers, group_id=spec.name, pool=pool,
                              subscriptions=subscriptions, security=security,
                              gather_ms=settings.consumer_gather_ms, gather_records=settings.consumer_gather_records,
-                             commit_ms=settings.consumer_commit_ms, hand_off=relay.hand_off,
+                             commit_ms=settings.consumer_commit_ms,
                              before_batch=clock.refresh if clock.controllable else None)
         tasks.append(asyncio.create_task(loop_.run(), name="consumer"))
     tasks += [asyncio.create_task(f(ctx), name=f.__name__) for f in spec.loops]
@@ -106,6 +109,7 @@ async def run(spec: ServiceSpec) -> None:
         if t.get_name() != "http":
             t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    outbox.hand_off_to(None)
     await producer.stop()
     await clock.stop()
     await pool.close()

@@ -103,7 +103,7 @@ class Drain:
     never held back: it leaves as soon as it is made. With the event that last changed each
     key, so its changelog record goes to that event's partition (the key's partition)."""
     events: list = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # time.monotonic() of its first request
     buyers: dict = field(default_factory=dict)   # key -> (BuyerState, event)
     pairs: dict = field(default_factory=dict)    # key -> (first time in ms, event)
     sellers: dict = field(default_factory=dict)  # seller_id -> [items]
@@ -238,6 +238,8 @@ def build(settings: EngineSettings) -> faust.App:
         async for event in manual.events():
             async with drain_lock:
                 drain = route_state["drain"]
+                if not drain.events:
+                    drain.started = time.monotonic()
                 drain.events.append(event)
                 await on_request(event, drain)
                 ended = len(drain.events) >= DRAIN_MAX or (
@@ -361,10 +363,21 @@ def build(settings: EngineSettings) -> faust.App:
 
     async def on_buyer_record(payload: dict) -> None:
         env, req = _decode(payload["raw"])
-        if isinstance(req, PaymentAbandoned):
-            forget(env, req)
-            return
-        await decide(env, req, payload.get("card"), [(k, v.encode("latin-1")) for k, v in payload.get("trace", ())])
+        ended = None
+        async with drain_lock:
+            # The buyer's last requests may still be in the route agent's open drain (their state
+            # not in the table yet): end that drain first, so this record reads and extends the
+            # buyer's current windows instead of having them overwritten at the drain's end.
+            if req.buyer_id.encode() in route_state["drain"].buyers:
+                ended = route_state["drain"]
+                end_drain()
+            if isinstance(req, PaymentAbandoned):
+                forget(env, req)
+            else:
+                await decide(env, req, payload.get("card"),
+                             [(k, v.encode("latin-1")) for k, v in payload.get("trace", ())])
+        if ended is not None:
+            await send_and_ack(route_state["stream"], ended)
 
     def buyer_state(key: bytes, drain: Drain | None) -> domain.BuyerState:
         if drain is not None and key in drain.buyers:

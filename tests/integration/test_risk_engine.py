@@ -116,6 +116,23 @@ async def test_burst_from_one_buyer_is_rejected_from_the_21st_order(engine, kafk
         events.decode(json.dumps(decision).encode(), events.SCHEMAS["risk.decisions"])  # valid on the contract
 
 
+async def test_card_requests_count_with_the_wallet_requests_still_in_the_open_drain(engine, kafka):
+    """Wallet requests are decided in the route agent's drain, whose state reaches the table only
+    when the drain ends (up to 0.2 s later); card requests reach the buyer's windows through the
+    card stage. Both count: 20 wallet orders, then 2 by card right after, and the 21st is refused."""
+    buyer = new_id("b")
+    t0 = datetime.now(timezone.utc)
+    wallet = [request_event(buyer, t0 + timedelta(milliseconds=10 * i)) for i in range(20)]
+    cards = [request_event(buyer, t0 + timedelta(milliseconds=300 + 10 * i), card=f"tok_{new_id('c')}") for i in range(2)]
+    since = await kafka.end_offsets("risk.decisions")
+    await publish(kafka, *wallet, *cards)
+    found = await decisions(kafka, since, wallet + cards)
+    assert [only(found, r)["data"]["decision"] for r in wallet] == ["approve"] * 20
+    for r in cards:
+        decision = only(found, r)["data"]
+        assert decision["decision"] == "reject" and "buyer_velocity" in decision["rules"], decision
+
+
 async def test_windows_follow_accepted_at_not_the_wall_clock(engine, kafka):
     buyer = new_id("b")
     later = datetime.now(timezone.utc) + timedelta(days=3)  # e.g. the test clock moved ahead

@@ -199,9 +199,11 @@ async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infr
 
 async def _forwarding_loop(infra, schema, topic, pool, producer, out: str, fail_for: str | None = None):
     """A consumer whose handler writes an outbox row to `out` per record (and then raises for
-    `fail_for`), handing its committed rows to a relay that is not the active one (another
-    connection holds its advisory lock): whatever reaches `out` was handed off."""
+    `fail_for`), in a process that hands its committed rows to a relay that is not the active one
+    (another connection holds its advisory lock): whatever reaches `out` was handed off. The
+    caller ends the hand-off (`outbox.hand_off_to(None)`)."""
     relay = Relay(infra.database_url, schema, pool, producer)
+    outbox.hand_off_to(relay.hand_off)
 
     async def forward(conn, env, data):
         await outbox.add(conn, out, data.user_id, registered(data.user_id))
@@ -209,8 +211,7 @@ async def _forwarding_loop(infra, schema, topic, pool, producer, out: str, fail_
             raise ValueError("rule violated")
 
     loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
-                        subscriptions=[Subscription(topic, {"UserRegistered": forward}, SCHEMAS)],
-                        hand_off=relay.hand_off)
+                        subscriptions=[Subscription(topic, {"UserRegistered": forward}, SCHEMAS)])
     return [asyncio.create_task(relay.run()), asyncio.create_task(loop.run())]
 
 
@@ -232,6 +233,7 @@ async def test_a_consumer_hands_its_committed_rows_to_kafka_and_stamps_them(infr
         await eventually(lambda: pool.fetchval(
             "SELECT count(*) = 3 FROM outbox WHERE handed_off AND published_at IS NOT NULL"), timeout=5)
     finally:
+        outbox.hand_off_to(None)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -256,6 +258,7 @@ async def test_rows_of_a_rolled_back_savepoint_are_not_handed_off(infra, scratch
         await asyncio.sleep(1)  # a row handed off with u-fine's batch would be in Kafka by now
         records = await kafka.read(out, start, until=lambda rs: len(rs) >= len(records))
     finally:
+        outbox.hand_off_to(None)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -314,3 +317,27 @@ async def test_a_delayed_topic_waits_its_delay_and_then_comes_in_one_batch(infra
         await asyncio.gather(task, return_exceptions=True)
     assert applied_at["u-d1"] - applied_at["u-d0"] >= 1.4  # the partition paused after u-d0's batch
     assert applied_at["u-d3"] - applied_at["u-d1"] < 0.5   # then the three came together
+
+
+async def test_every_transaction_of_a_handing_off_process_sends_its_rows_in_commit_order(infra, scratch, kafka):
+    """Not only a consumer's: a timer's or an API request's transaction hands its rows off too, so
+    the process's rows of one key leave in the order their transactions committed."""
+    schema, topic, pool = scratch
+    start = await kafka.end_offsets(topic)
+    lock = await asyncpg.connect(infra.database_url)
+    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    relay = Relay(infra.database_url, schema, pool, producer)
+    outbox.hand_off_to(relay.hand_off)
+    try:
+        for i in range(5):
+            async with pool.acquire() as conn, conn.transaction():
+                await outbox.add(conn, topic, "same-key", registered(f"u-order-{i}"))
+        records = await kafka.read(topic, start, until=lambda rs: len(rs) >= 5)
+    finally:
+        outbox.hand_off_to(None)
+        await producer.stop()
+        await lock.close()
+    assert [json.loads(r.value)["data"]["user_id"] for r in records] == [f"u-order-{i}" for i in range(5)]
+    assert await pool.fetchval("SELECT bool_and(handed_off) FROM outbox")
