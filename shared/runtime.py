@@ -82,7 +82,8 @@ async def run(spec: ServiceSpec) -> None:
     relay = Relay(settings.database_url, settings.schema, pool, producer)
     # Every transaction of this process sends its outbox rows itself once committed (shared/db.py);
     # the relay publishes only what was missed, and other writers' rows.
-    outbox.hand_off_to(relay.hand_off)
+    if settings.outbox_handoff:
+        outbox.hand_off_to(relay.hand_off)
     tasks = [asyncio.create_task(relay.run(), name="relay")]
     subscriptions = spec.subscriptions(ctx)
     if subscriptions:

@@ -171,6 +171,9 @@ class Settings:
     # How long records off a saga's path (credit's behaviour counts) may wait to be applied
     # together (Subscription.delay_ms).
     statistics_delay_ms: int = 500
+    # Transactions send their own outbox rows once committed (shared/outbox.py); off: everything
+    # goes through the single active relay (strict id order per schema, a hop slower).
+    outbox_handoff: bool = True
 
     @property
     def zone(self) -> ZoneInfo:
@@ -214,4 +217,5 @@ def load(service: str, *, require_secrets: bool = True) -> Settings:
         consumer_gather_records=env_int("CONSUMER_GATHER_RECORDS", 64, minimum=1, maximum=100_000),
         consumer_commit_ms=env_int("CONSUMER_COMMIT_MS", 100, minimum=0, maximum=10_000),
         statistics_delay_ms=env_int("STATISTICS_DELAY_MS", 500, minimum=0, maximum=60_000),
+        outbox_handoff=env_bool("OUTBOX_HANDOFF", True),
     )

@@ -84,7 +84,9 @@ async def test_access_control(services, api):
 async def test_relay_killed_after_commit_publishes_after_restart(services, api, db):
     """The gateway dies after committing a registration and before its relay published the event:
     the row waits in the outbox and goes out after the restart. The fault is made from outside:
-    the test holds the relay's advisory lock, so the new process commits but cannot publish."""
+    the test holds the relay's advisory lock and runs the gateway without the hand-off
+    (OUTBOX_HANDOFF=0), so the new process commits but cannot publish. (A handed-off row left
+    unsent is the relay's too: tests/integration/test_runtime.py.)"""
     gateway = services["gateway"]
     user_id = new_id("u")
     gateway.kill()
@@ -92,7 +94,7 @@ async def test_relay_killed_after_commit_publishes_after_restart(services, api, 
         # The killed relay's session lets go of the lock as soon as Postgres sees it gone.
         await eventually(lambda: blocker.fetchval("SELECT pg_try_advisory_lock(hashtext('outbox:gateway'))"))
         try:
-            await gateway.restart()
+            await gateway.restart(OUTBOX_HANDOFF="0")
             response = await api("gateway").post("/v1/users", json=user_body(user_id))
             assert response.status_code == 201  # committed; the relay is waiting for its lock
             gateway.kill()
