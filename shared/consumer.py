@@ -237,32 +237,29 @@ class ConsumerLoop:
         # In a service the transaction hands its outbox rows to the producer as it commits
         # (shared/db.py, outbox.hand_off_to): the next hop does not wait for the relay.
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._apply_in(conn, by_topic, sets)
-
-    async def _apply_in(self, conn: asyncpg.Connection, by_topic: dict[str, list[Any]], sets: bool) -> None:
-        decoded: dict[str, list[_Decoded]] = {}
-        for topic, records in by_topic.items():
-            decoded[topic] = []
-            for record in records:
-                try:
-                    env, data = events.decode(record.value, self.by_topic[topic].schemas, topic)
-                except DecodeError as exc:
-                    await self._dead_letter(conn, record, exc.code, exc.message)
-                    continue
-                decoded[topic].append(_Decoded(record, env, data))
-        all_ = [(d.env.event_id, topic) for topic, ds in decoded.items() for d in ds]
-        fresh = await inbox.first_deliveries(conn, [k for k, _ in all_], [t for _, t in all_]) if all_ else set()
-        for topic, ds in decoded.items():
-            todo: list[_Decoded] = []
-            for d in ds:
-                if d.env.event_id in fresh:
-                    fresh.discard(d.env.event_id)  # the same event twice in one batch: the first counts
-                    todo.append(d)
-            if len(todo) < len(ds):
-                metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc(len(ds) - len(todo))
-                log.info("duplicate deliveries ignored", topic=topic, count=len(ds) - len(todo))
-            with metrics.HANDLER_SECONDS.labels(topic=topic).time():
-                await self._apply_topic(conn, self.by_topic[topic], todo, sets)
+            decoded: dict[str, list[_Decoded]] = {}
+            for topic, records in by_topic.items():
+                decoded[topic] = []
+                for record in records:
+                    try:
+                        env, data = events.decode(record.value, self.by_topic[topic].schemas, topic)
+                    except DecodeError as exc:
+                        await self._dead_letter(conn, record, exc.code, exc.message)
+                        continue
+                    decoded[topic].append(_Decoded(record, env, data))
+            all_ = [(d.env.event_id, topic) for topic, ds in decoded.items() for d in ds]
+            fresh = await inbox.first_deliveries(conn, [k for k, _ in all_], [t for _, t in all_]) if all_ else set()
+            for topic, ds in decoded.items():
+                todo: list[_Decoded] = []
+                for d in ds:
+                    if d.env.event_id in fresh:
+                        fresh.discard(d.env.event_id)  # the same event twice in one batch: the first counts
+                        todo.append(d)
+                if len(todo) < len(ds):
+                    metrics.CONSUMED.labels(topic=topic, outcome="duplicate").inc(len(ds) - len(todo))
+                    log.info("duplicate deliveries ignored", topic=topic, count=len(ds) - len(todo))
+                with metrics.HANDLER_SECONDS.labels(topic=topic).time():
+                    await self._apply_topic(conn, self.by_topic[topic], todo, sets)
 
     async def _apply_topic(self, conn: asyncpg.Connection, sub: Subscription, todo: list[_Decoded],
                            sets: bool) -> None:

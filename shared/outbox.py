@@ -36,7 +36,7 @@ log = structlog.get_logger("outbox")
 # that window publishes them again (consumers deduplicate on event_id), as after any crash
 # between publish and stamp.
 STAMP_WAIT_SECONDS = 0.5
-# How long the relay leaves a handed-off row to the consumer that wrote it (its send and stamp
+# How long the relay leaves a handed-off row to the process that wrote it (its send and stamp
 # take well under a second); after that the row counts as missed and the relay publishes it.
 HANDOFF_GRACE_SECONDS = 5.0
 
@@ -55,7 +55,7 @@ class Written:
     headers: tuple[tuple[str, bytes], ...]
 
 
-# The rows written so far by the current consumer transaction (None: not collecting; rows are
+# The rows written so far by the current top-level transaction (None: not collecting; rows are
 # then published by the relay, woken by a NOTIFY at commit).
 _written: contextvars.ContextVar[list[Written] | None] = contextvars.ContextVar("outbox_written", default=None)
 
@@ -211,9 +211,9 @@ async def add_many(conn: asyncpg.Connection, rows: list[Row]) -> None:
 
 
 class Relay:
-    """Publishes one schema's outbox. One relay per schema is active at a time (advisory lock),
-    which keeps per-key order when several copies of a service run. Every copy sends and stamps
-    the rows its own consumer hands off (`hand_off`)."""
+    """Publishes one schema's outbox rows that nobody handed off (or that a hand-off missed). One
+    relay per schema is active at a time (advisory lock), so those go out in id order. Every
+    copy of a service sends and stamps the rows its own transactions hand off (`hand_off`)."""
 
     def __init__(self, dsn: str, schema: str, pool: asyncpg.Pool, producer: AIOKafkaProducer,
                  batch_size: int = 500, retention_hours: int = 24,
@@ -263,17 +263,13 @@ class Relay:
 
     async def _await_sent(self, rows: list[Written], futures: list, spans: list) -> None:
         try:
-            await asyncio.gather(*futures)
+            await self._delivered(rows, futures, spans)
         except BaseException as exc:
-            tracing.end_all(spans, exc)
             self._handed.difference_update(r.id for r in rows)
             if not isinstance(exc, asyncio.CancelledError):
                 log.warning("outbox hand-off not acknowledged; the relay will publish the rows",
                             rows=len(rows), error=repr(exc))
             return
-        tracing.end_all(spans)
-        for r in rows:
-            metrics.OUTBOX_PUBLISHED.labels(topic=r.topic).inc()
         self._sent.extend(r.id for r in rows)
 
     async def _stamp_handed_off(self) -> None:
@@ -340,8 +336,8 @@ class Relay:
     async def _stamp_and_fetch(self, published: list[int]) -> list[Written]:
         """Stamp the rows of the last run (if any) and read the next ones, in one round trip while more
         rows keep coming (the read's snapshot does not see the stamp, hence the id filter). Rows
-        handed off to a consumer's producer are left to it for `handoff_grace_seconds`, and for
-        good while this process has them in hand."""
+        handed off by the process that wrote them are left to it for `handoff_grace_seconds`, and
+        for good while this process has them in hand."""
         rows = await self.pool.fetch(
             """WITH stamped AS (UPDATE outbox SET published_at = now() WHERE id = ANY($2::bigint[]))
                SELECT id, topic, key, value, header_keys, header_values FROM outbox
@@ -376,7 +372,12 @@ class Relay:
         """Send the rows in id order and wait until Kafka has them all; their ids."""
         if not rows:
             return []
-        futures, spans = await self._send(rows)
+        await self._delivered(rows, *await self._send(rows))
+        return [r.id for r in rows]
+
+    @staticmethod
+    async def _delivered(rows: list[Written], futures: list, spans: list) -> None:
+        """Wait until Kafka has every row `_send` handed over; end their spans, count them."""
         try:
             await asyncio.gather(*futures)
         except BaseException as exc:
@@ -385,7 +386,6 @@ class Relay:
         tracing.end_all(spans)
         for r in rows:
             metrics.OUTBOX_PUBLISHED.labels(topic=r.topic).inc()
-        return [r.id for r in rows]
 
     async def _purge(self) -> None:
         """Delete rows published more than `retention_hours` ago, from the oldest id up to the

@@ -256,12 +256,13 @@ def build(settings: EngineSettings) -> faust.App:
             drain = route_state["drain"]
             if not drain.events or time.monotonic() - drain.started < DRAIN_SECONDS:
                 return
-            end_drain()
-        await send_and_ack(route_state["stream"], drain)
+            ended = end_drain()
+        await send_and_ack(route_state["stream"], ended)
 
-    def end_drain() -> None:
+    def end_drain() -> Drain:
         """Open the next drain and write the ended one's tables (no await in between, under the
-        lock: a request of the next drain reads what this one wrote)."""
+        lock: a request of the next drain reads what this one wrote); the ended drain, whose
+        seller records and acks `send_and_ack` does after the lock."""
         drain, route_state["drain"] = route_state["drain"], Drain()
         try:
             for key, (state, event) in drain.buyers.items():
@@ -273,6 +274,7 @@ def build(settings: EngineSettings) -> faust.App:
         except Exception:  # a bug: logged; the records are still acknowledged, or a
             # rebalance or a shutdown would wait for them forever (their decisions are out)
             log.exception("risk drain's state writes failed", records=len(drain.events))
+        return drain
 
     async def send_and_ack(stream, drain: Drain) -> None:
         try:
@@ -369,8 +371,7 @@ def build(settings: EngineSettings) -> faust.App:
             # not in the table yet): end that drain first, so this record reads and extends the
             # buyer's current windows instead of having them overwritten at the drain's end.
             if req.buyer_id.encode() in route_state["drain"].buyers:
-                ended = route_state["drain"]
-                end_drain()
+                ended = end_drain()
             if isinstance(req, PaymentAbandoned):
                 forget(env, req)
             else:

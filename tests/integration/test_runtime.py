@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -197,14 +198,32 @@ async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infr
 
 # ------------------------------------------------------------ hand-off of a consumer's rows
 
-async def _forwarding_loop(infra, schema, topic, pool, producer, out: str, fail_for: str | None = None):
-    """A consumer whose handler writes an outbox row to `out` per record (and then raises for
-    `fail_for`), in a process that hands its committed rows to a relay that is not the active one
-    (another connection holds its advisory lock): whatever reaches `out` was handed off. The
-    caller ends the hand-off (`outbox.hand_off_to(None)`)."""
+@contextlib.asynccontextmanager
+async def handing_off_process(infra, schema, pool):
+    """This process hands its committed rows to a relay that is not the active one (another
+    connection holds its advisory lock, so nothing is published by a relay): whatever reaches
+    Kafka was handed off. Ends the hand-off on the way out."""
+    lock = await asyncpg.connect(infra.database_url)
+    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
+    producer = make_producer(infra.kafka)
+    await producer.start()
     relay = Relay(infra.database_url, schema, pool, producer)
     outbox.hand_off_to(relay.hand_off)
+    task = asyncio.create_task(relay.run())  # its stamper
+    try:
+        yield
+    finally:
+        outbox.hand_off_to(None)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await producer.stop()
+        await lock.close()
 
+
+@contextlib.asynccontextmanager
+async def forwarding_consumer(infra, schema, topic, pool, out: str, fail_for: str | None = None):
+    """A consumer whose handler writes an outbox row to `out` per record, then raises for
+    `fail_for`."""
     async def forward(conn, env, data):
         await outbox.add(conn, out, data.user_id, registered(data.user_id))
         if data.user_id == fail_for:
@@ -212,7 +231,12 @@ async def _forwarding_loop(infra, schema, topic, pool, producer, out: str, fail_
 
     loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
                         subscriptions=[Subscription(topic, {"UserRegistered": forward}, SCHEMAS)])
-    return [asyncio.create_task(relay.run()), asyncio.create_task(loop.run())]
+    task = asyncio.create_task(loop.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_consumer_hands_its_committed_rows_to_kafka_and_stamps_them(infra, scratch, kafka):
@@ -220,25 +244,13 @@ async def test_a_consumer_hands_its_committed_rows_to_kafka_and_stamps_them(infr
     out = f"{topic}.out"
     await ensure_topics(infra.kafka, [out], partitions=1)
     start = await kafka.end_offsets(out)
-    lock = await asyncpg.connect(infra.database_url)
-    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
-    producer = make_producer(infra.kafka)
-    await producer.start()
-    tasks = await _forwarding_loop(infra, schema, topic, pool, producer, out)
-    try:
+    async with handing_off_process(infra, schema, pool), forwarding_consumer(infra, schema, topic, pool, out):
         for i in range(3):
             await kafka.send(topic, registered(f"u-h{i}"), key=f"u-h{i}")
         records = await kafka.read(out, start, until=lambda rs: len(rs) >= 3)
         assert sorted(json.loads(r.value)["data"]["user_id"] for r in records) == ["u-h0", "u-h1", "u-h2"]
         await eventually(lambda: pool.fetchval(
             "SELECT count(*) = 3 FROM outbox WHERE handed_off AND published_at IS NOT NULL"), timeout=5)
-    finally:
-        outbox.hand_off_to(None)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await producer.stop()
-        await lock.close()
 
 
 async def test_rows_of_a_rolled_back_savepoint_are_not_handed_off(infra, scratch, kafka):
@@ -246,24 +258,13 @@ async def test_rows_of_a_rolled_back_savepoint_are_not_handed_off(infra, scratch
     out = f"{topic}.out"
     await ensure_topics(infra.kafka, [out], partitions=1)
     start = await kafka.end_offsets(out)
-    lock = await asyncpg.connect(infra.database_url)
-    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
-    producer = make_producer(infra.kafka)
-    await producer.start()
-    tasks = await _forwarding_loop(infra, schema, topic, pool, producer, out, fail_for="u-boom")
-    try:
+    async with handing_off_process(infra, schema, pool), \
+            forwarding_consumer(infra, schema, topic, pool, out, fail_for="u-boom"):
         await kafka.send(topic, registered("u-boom"), key="k")  # its row is written, then the handler fails
         await kafka.send(topic, registered("u-fine"), key="k")
         records = await kafka.read(out, start, until=lambda rs: any(b"u-fine" in r.value for r in rs))
         await asyncio.sleep(1)  # a row handed off with u-fine's batch would be in Kafka by now
         records = await kafka.read(out, start, until=lambda rs: len(rs) >= len(records))
-    finally:
-        outbox.hand_off_to(None)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await producer.stop()
-        await lock.close()
     assert [json.loads(r.value)["data"]["user_id"] for r in records] == ["u-fine"]
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE key = 'u-boom'") == 0
 
@@ -324,20 +325,10 @@ async def test_every_transaction_of_a_handing_off_process_sends_its_rows_in_comm
     the process's rows of one key leave in the order their transactions committed."""
     schema, topic, pool = scratch
     start = await kafka.end_offsets(topic)
-    lock = await asyncpg.connect(infra.database_url)
-    assert await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{schema}")
-    producer = make_producer(infra.kafka)
-    await producer.start()
-    relay = Relay(infra.database_url, schema, pool, producer)
-    outbox.hand_off_to(relay.hand_off)
-    try:
+    async with handing_off_process(infra, schema, pool):
         for i in range(5):
             async with pool.acquire() as conn, conn.transaction():
                 await outbox.add(conn, topic, "same-key", registered(f"u-order-{i}"))
         records = await kafka.read(topic, start, until=lambda rs: len(rs) >= 5)
-    finally:
-        outbox.hand_off_to(None)
-        await producer.stop()
-        await lock.close()
     assert [json.loads(r.value)["data"]["user_id"] for r in records] == [f"u-order-{i}" for i in range(5)]
     assert await pool.fetchval("SELECT bool_and(handed_off) FROM outbox")
