@@ -22,7 +22,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from shared import events, inbox, kafka, metrics, outbox, topics, tracing
+from shared import db, events, inbox, kafka, metrics, outbox, topics, tracing
 from shared.events import DecodeError, Envelope, Strict
 
 log = structlog.get_logger("consumer")
@@ -36,7 +36,7 @@ BatchHandler = Callable[[asyncpg.Connection, list[tuple[Envelope, Strict]]],
 
 _UNTRACED = contextlib.nullcontext({})  # tracing off: no span, no extra log fields
 
-TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+TRANSIENT = (*db.CONNECTION_LOST, asyncio.TimeoutError,
              asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
 
 

@@ -13,6 +13,13 @@ from shared import outbox
 
 RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 
+# Postgres is away or not there yet: the work is retried, never blamed on the record. While a
+# restarted server recovers it answers "not yet accepting connections" (57P03); a server shutting
+# down ends sessions with 57P01/57P02; a full server refuses with 53300.
+CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                   asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
+                   asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.TooManyConnectionsError)
+
 
 def json_text(value) -> str:
     # OPT_NON_STR_KEYS: keys that are not text become text, as json.dumps makes them.

@@ -13,7 +13,7 @@ import structlog
 
 from services.gateway import domain, saga, store
 from services.gateway.domain import OrderEventState as EventState, Route, SagaState
-from shared import events, ledger, metrics, outbox, timers, topics, tracing
+from shared import db, events, ledger, metrics, outbox, timers, topics, tracing
 from shared.events import (ClawbackRequested, CreditRefused, CreditReserved, DrawdownCommitted, Envelope,
                            EscrowRefunded, EscrowRefundRejected, EscrowReleased, FundsHeld, HoldRefused, OrderPlaced,
                            RefundRejected, RefundRequested, RiskDecided)
@@ -412,7 +412,7 @@ async def _step_or_retry(ctx: Context, conn: asyncpg.Connection, payment: dict) 
     try:
         async with conn.transaction():  # savepoint: a failed step leaves no trace
             await saga_step(ctx, conn, payment)
-    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+    except db.CONNECTION_LOST:
         raise
     except asyncpg.exceptions.LockNotAvailableError:
         log.info("saga step waits for a lock the consumer holds; retrying in a second")

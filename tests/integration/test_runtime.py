@@ -196,6 +196,34 @@ async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infr
     assert json.loads(records[0].value)["data"]["user_id"] == "u-boom"
 
 
+@pytest.mark.parametrize("error", [asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError])
+async def test_postgres_restarting_is_retried_not_blamed_on_the_record(infra, scratch, kafka, error):
+    """While a restarted Postgres recovers it answers "not yet accepting connections" (57P03); one
+    shutting down ends sessions (57P01). Neither is the record's fault: the batch is retried from
+    the same offsets and the consumer keeps running, instead of dead-lettering the record or dying."""
+    schema, topic, pool = scratch
+    failures = []
+
+    async def fails_once(conn, env, data):
+        if not failures:
+            failures.append(data.user_id)
+            raise error("the database system is not yet accepting connections")
+        await count_applied(conn, env, data)
+
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": fails_once}, SCHEMAS)])
+    consumer = asyncio.create_task(loop.run())
+    try:
+        await kafka.send(topic, registered("u-restart"), key="k")
+        await eventually(lambda: applied_times(pool, "u-restart"))
+        assert not consumer.done()
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+    assert failures == ["u-restart"] and await applied_times(pool, "u-restart") == 1
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0  # no dead letter written (no relay here)
+
+
 # ------------------------------------------------------------ hand-off of a consumer's rows
 
 @contextlib.asynccontextmanager
