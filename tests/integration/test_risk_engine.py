@@ -279,7 +279,45 @@ async def test_state_lives_in_compacted_changelog_topics(engine, infra):
         configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in changelogs])
         for response in configs:
             for resource in response.resources:
-                policy = dict((c[0], c[1]) for c in resource[4])["cleanup.policy"]
-                assert policy == "compact", (resource[3], policy)
+                config = dict((c[0], c[1]) for c in resource[4])
+                assert config["cleanup.policy"] == "compact", (resource[3], config["cleanup.policy"])
+                # small segments, or Kafka never compacts them (it cleans closed segments only)
+                assert config["segment.bytes"] == str(16 * 2**20), (resource[3], config["segment.bytes"])
     finally:
+        await admin.close()
+
+
+async def test_changelogs_created_before_get_small_segments_at_start(infra, monkeypatch):
+    """faust sets a changelog topic's configs only when it creates it: the engine's start brings
+    those of an older deployment (Kafka's 1 GiB segments, so never compacted) to small segments."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from services.risk.app import EngineSettings, _ensure_topics
+    from shared.kafka import client_options
+
+    app_id = f"risk-old-{uuid.uuid4().hex[:8]}"
+    topic = f"{app_id}-buyers-changelog"
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka, **client_options())
+    await admin.start()
+
+    async def config() -> dict:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        return {c[0]: c[1] for c in response.resources[0][4]}
+
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
+                                            topic_configs={"cleanup.policy": "compact"})])
+        assert (await config())["segment.bytes"] == str(2**30)
+        monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
+        monkeypatch.setenv("RISK_APP_ID", app_id)
+        await _ensure_topics(EngineSettings.from_env())
+
+        async def small_segments():  # the broker shows a config change within a second or so
+            c = await config()
+            return (c["cleanup.policy"], c["segment.bytes"], c["segment.ms"]) == (
+                "compact", str(16 * 2**20), str(10 * 60 * 1000))
+        await eventually(small_segments, timeout=10)
+    finally:
+        await admin.delete_topics([topic, *(f"{app_id}-by-{k}" for k in ("card", "buyer", "seller"))])
         await admin.close()
