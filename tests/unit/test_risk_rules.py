@@ -293,6 +293,9 @@ def test_engine_settings_and_the_faust_app(monkeypatch):
     assert app.conf.web_port == 8005 and app.conf.broker_session_timeout == 10
     assert set(app.tables) == {"cards", "buyers", "pairs", "sellers"}
     assert app.tables["buyers"].changelog_topic.get_topic_name() == "risk-engine-buyers-changelog"
+    # a drain's table writes fit in faust's producer buffer without stopping the agents' input
+    from services.risk.app import DRAIN_MAX
+    assert app.producer.buffer.max_messages >= 2 * DRAIN_MAX
 
 
 def test_the_engine_keeps_its_states_as_json_bytes_out_of_the_garbage_collectors_walks():
