@@ -99,7 +99,9 @@ async def run(spec: ServiceSpec) -> None:
 
     # What start-up built (modules, the app, clients, pools) lives as long as the process: out of
     # the cyclic collector's full walks, which otherwise stop the process 50-130 ms every few
-    # seconds under load (docs/performance.md). Later garbage is collected as before.
+    # seconds under load (docs/performance.md). Later garbage is collected as before; the
+    # garbage start-up left is collected first, or it would stay frozen for good.
+    gc.collect()
     gc.freeze()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

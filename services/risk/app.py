@@ -187,7 +187,8 @@ def build(settings: EngineSettings) -> faust.App:
     # Table writes wait in faust's producer buffer (send_soon). While it holds more than its
     # `max_messages` (100), faust stops handing records to the agents until 100 have left, one
     # wake-up each, and logs a warning: at 500 orders/s every drain did (~4 times a second). A
-    # drain writes at most one buyer state and one pair per request of its DRAIN_MAX: room for that.
+    # drain writes at most one buyer state and one pair per request of its DRAIN_MAX at once: room
+    # for those (card and seller states, written a few at a time, share the buffer).
     app.producer.buffer.max_messages = 2 * DRAIN_MAX
     requests_topic = app.topic(topics.RISK_REQUESTS, key_serializer="raw", value_serializer="raw")
     dlq_topic = app.topic(topics.dlq(topics.RISK_REQUESTS), key_serializer="raw", value_serializer="raw")
@@ -575,7 +576,8 @@ def build(settings: EngineSettings) -> faust.App:
     async def announce_ready():
         # on_started tasks run once table recovery has completed: the engine consumes now.
         # What start-up and recovery built stays for the process's life: out of the cyclic
-        # collector's full walks (see `packed`).
+        # collector's full walks (see `packed`); what is garbage already is collected first.
+        gc.collect()
         gc.freeze()
         log.info("risk engine ready", app_id=settings.app_id, web=f"http://{settings.web_host}:{settings.web_port}",
                  rules=rules.describe())
@@ -584,6 +586,29 @@ def build(settings: EngineSettings) -> faust.App:
 
 
 # ---------------------------------------------------------------- the process
+async def _apply_changelog_configs(admin, names: list[str]) -> None:
+    """CHANGELOG_TOPIC_CONFIGS on these topics where they differ. AlterConfigs replaces a topic's
+    whole set of its own configs: the ones it has (an operator's retention, say) are sent along."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    TOPIC_OWN = 1  # DescribeConfigs' config_source for a topic's own (dynamic) config
+    changes = []
+    for response in await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in names]):
+        for _, _, _, name, entries in response.resources:
+            own = {e[0]: e[1] for e in entries if e[3] == TOPIC_OWN}
+            wanted = {**own, **CHANGELOG_TOPIC_CONFIGS}
+            if wanted != own:
+                changes.append(ConfigResource(ConfigResourceType.TOPIC, name, wanted))
+    if not changes:
+        return
+    for response in await admin.alter_configs(changes):
+        for code, message, _, name in response.resources:
+            if code:  # e.g. not allowed to: the engine works, its restarts stay slow
+                log.warning("changelog topic configs not changed", topic=name, error_code=code, error=message)
+            else:
+                log.info("changelog topic configs changed", topic=name, configs=CHANGELOG_TOPIC_CONFIGS)
+
+
 async def _ensure_topics(settings: EngineSettings, timeout: float = 60.0) -> None:
     """The public topics (+ .dlq) and the engine's repartition topics; faust declares the
     changelog topics itself (and would the internal ones too; creating them here first makes
@@ -592,7 +617,6 @@ async def _ensure_topics(settings: EngineSettings, timeout: float = 60.0) -> Non
     import time
 
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
     from aiokafka.errors import TopicAlreadyExistsError
 
     from shared.kafka import check_access, ensure_topics
@@ -621,12 +645,7 @@ async def _ensure_topics(settings: EngineSettings, timeout: float = 60.0) -> Non
                 # created before (1 GiB segments, never compacted) to CHANGELOG_TOPIC_CONFIGS.
                 changelogs = sorted({settings.internal_topic(f"{t}-changelog") for t in TABLES} & existing)
                 if changelogs:
-                    for response in await admin.alter_configs(
-                            [ConfigResource(ConfigResourceType.TOPIC, t, CHANGELOG_TOPIC_CONFIGS) for t in changelogs]):
-                        for code, message, _, name in response.resources:
-                            if code:  # e.g. not allowed to: the engine works, its restarts stay slow
-                                log.warning("changelog topic configs not changed", topic=name, error_code=code,
-                                            error=message)
+                    await _apply_changelog_configs(admin, changelogs)
             finally:
                 await admin.close()
             return

@@ -307,7 +307,7 @@ async def test_changelogs_created_before_get_small_segments_at_start(infra, monk
 
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
-                                            topic_configs={"cleanup.policy": "compact"})])
+                                            topic_configs={"cleanup.policy": "compact", "max.message.bytes": "2000000"})])
         assert (await config())["segment.bytes"] == str(2**30)
         monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
         monkeypatch.setenv("RISK_APP_ID", app_id)
@@ -318,6 +318,7 @@ async def test_changelogs_created_before_get_small_segments_at_start(infra, monk
             return (c["cleanup.policy"], c["segment.bytes"], c["segment.ms"]) == (
                 "compact", str(16 * 2**20), str(10 * 60 * 1000))
         await eventually(small_segments, timeout=10)
+        assert (await config())["max.message.bytes"] == "2000000"  # the topic's own other configs stay
     finally:
         await admin.delete_topics([topic, *(f"{app_id}-by-{k}" for k in ("card", "buyer", "seller"))])
         await admin.close()
