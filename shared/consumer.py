@@ -36,8 +36,14 @@ BatchHandler = Callable[[asyncpg.Connection, list[tuple[Envelope, Strict]]],
 
 _UNTRACED = contextlib.nullcontext({})  # tracing off: no span, no extra log fields
 
-TRANSIENT = (*db.CONNECTION_LOST, asyncio.TimeoutError,
-             asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+_RETRIED = (asyncio.TimeoutError, asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure that is not the record's fault: Postgres away, a timeout, a serialization
+    failure or a deadlock. The batch is rolled back and applied again; anything else a handler
+    raises is the record's fault and dead-letters it."""
+    return db.connection_lost(exc) or isinstance(exc, _RETRIED)
 
 
 def dead_letter_headers(record: Any, code: str, message: str) -> list[tuple[str, bytes]]:
@@ -158,7 +164,9 @@ class ConsumerLoop:
                     if self.before_batch:
                         await self.before_batch()
                     await self.apply(batch)
-                except TRANSIENT as exc:
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
                     log.warning("batch failed, will retry from the same offsets", error=repr(exc))
                     for tp, records in batch.items():
                         self.consumer.seek(tp, records[0].offset)
@@ -280,9 +288,9 @@ class ConsumerLoop:
             # span linked to every record's context (shared/tracing.py).
             with tracing.set_run(sub.topic, run[0].env.type, run):
                 left = await handler(conn, [(d.env, d.data) for d in run])
-        except TRANSIENT:
-            raise
         except Exception as exc:
+            if transient(exc):
+                raise
             raise _SetPathFailed() from exc
         left_ids = {env.event_id for env, _ in left}
         applied = len(run) - len(left_ids)
@@ -307,9 +315,9 @@ class ConsumerLoop:
             try:
                 async with conn.transaction():  # savepoint: a failing handler leaves no trace
                     await handler(conn, env, d.data)
-            except TRANSIENT:
-                raise
             except Exception as exc:
+                if transient(exc):
+                    raise
                 # A bug or a rule violation this record triggers every time: park it, move on.
                 log.exception("handler failed; record dead-lettered")
                 if tracing.ENABLED:

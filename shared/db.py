@@ -16,9 +16,19 @@ RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 # Postgres is away or not there yet: the work is retried, never blamed on the record. While a
 # restarted server recovers it answers "not yet accepting connections" (57P03); a server shutting
 # down ends sessions with 57P01/57P02; a full server refuses with 53300.
-CONNECTION_LOST = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError,
                    asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
                    asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.TooManyConnectionsError)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Is `exc` Postgres being away (CONNECTION_LOST, or a closed connection or pool)? asyncpg
+    raises its InterfaceError for a closed connection, but also for a bug in the calls ("another
+    operation is in progress", subclasses such as its client-side DataError): retrying those
+    would never end, so only the closed ones count."""
+    if isinstance(exc, asyncpg.InterfaceError):
+        return type(exc) is asyncpg.InterfaceError and ("is closed" in str(exc) or "is closing" in str(exc))
+    return isinstance(exc, CONNECTION_LOST)
 
 
 def json_text(value) -> str:

@@ -19,7 +19,7 @@ from services.billing import domain, store
 from services.billing.domain import (GATEWAY, REVENUE_INSTALLMENT_FEE, REVENUE_PENALTY, InstallmentPeriod, ItemKind,
                                      Owed, Period, PlanPeriod, PlanSource, fees_receivable)
 from shared import events, ledger, outbox, timers, topics
-from shared.consumer import TRANSIENT
+from shared.consumer import transient
 from shared.errors import ApiError
 from shared.events import (AccountOverdue, AccountSettled, AllocationLine, ApplyRepayment, DrawdownCommitted,
                            DrawdownRefunded, Envelope, OverpaymentRefunded, RepaymentAllocated, RepaymentApplied,
@@ -389,10 +389,8 @@ async def run_due(ctx: Context, limit: int = TIMER_BATCH) -> tuple[int, int]:
                 account = await catch_up(ctx, conn, account, now)
                 await settle(ctx, conn, account, now, None)
             done += 1
-        except TRANSIENT:
-            raise
-        except Exception:
-            if user_id is None:
+        except Exception as exc:
+            if transient(exc) or user_id is None:
                 raise
             failed.append(user_id)
             log.exception("billing timer failed for a user; retried next tick", user_id=user_id)

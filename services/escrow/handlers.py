@@ -12,7 +12,7 @@ import structlog
 from services.escrow import domain, store
 from services.escrow.domain import Decision, FeeRates
 from shared import events, ledger, outbox, timers, topics, tracing
-from shared.consumer import TRANSIENT
+from shared.consumer import transient
 from shared.events import (CancelOrder, ClawbackSettled, ConfirmOrder, Envelope, HoldFunds, RefundOrder,
                            ShipOrder)
 from shared.runtime import Context
@@ -145,9 +145,9 @@ async def _auto_confirm(ctx: Context, conn: asyncpg.Connection, escrow, now, rat
         async with conn.transaction():  # savepoint: one bad row does not stop the others
             await apply(ctx, conn, escrow.order_id, domain.on_auto_confirm(escrow, now, rates), None)
         return 1
-    except TRANSIENT:
-        raise  # the connection or the transaction is gone: the loop retries the scan
     except Exception as exc:
+        if transient(exc):
+            raise  # the connection or the transaction is gone: the loop retries the scan
         if tracing.ENABLED:
             tracing.failed(exc)
         log.exception("auto-confirm failed; retried next tick", order_id=escrow.order_id)

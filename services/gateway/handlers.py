@@ -412,13 +412,13 @@ async def _step_or_retry(ctx: Context, conn: asyncpg.Connection, payment: dict) 
     try:
         async with conn.transaction():  # savepoint: a failed step leaves no trace
             await saga_step(ctx, conn, payment)
-    except db.CONNECTION_LOST:
-        raise
     except asyncpg.exceptions.LockNotAvailableError:
         log.info("saga step waits for a lock the consumer holds; retrying in a second")
         await store.update_payment(conn, order_id, ctx.clock.now(),
                                    next_action_at=ctx.clock.now() + timedelta(seconds=1))
     except Exception as exc:
+        if db.connection_lost(exc):
+            raise
         if tracing.ENABLED:
             tracing.failed(exc)
         log.exception("saga step failed; retrying later")

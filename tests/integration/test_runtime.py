@@ -224,6 +224,42 @@ async def test_postgres_restarting_is_retried_not_blamed_on_the_record(infra, sc
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0  # no dead letter written (no relay here)
 
 
+async def test_a_misused_connection_dead_letters_the_record_not_retried_forever(infra, scratch, kafka):
+    """asyncpg raises InterfaceError for a closed connection, and the same class for a bug in
+    the calls ("another operation is in progress"): such a bug fails the record every time, so
+    the record is dead-lettered and the next one applied, instead of its batch being retried
+    (and its partition blocked) forever."""
+    schema, topic, pool = scratch
+
+    async def misuses_connection(conn, env, data):
+        if data.user_id == "u-bug":
+            both = await asyncio.gather(conn.fetchval("SELECT pg_sleep(0.05)"), conn.fetchval("SELECT 1"),
+                                        return_exceptions=True)
+            raise next(r for r in both if isinstance(r, Exception))
+        await count_applied(conn, env, data)
+
+    dlq_start = await kafka.end_offsets(f"{topic}.dlq")
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    relay = asyncio.create_task(Relay(infra.database_url, schema, pool, producer).run())
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": misuses_connection}, SCHEMAS)])
+    consumer = asyncio.create_task(loop.run())
+    try:
+        await kafka.send(topic, registered("u-bug"), key="k")
+        await kafka.send(topic, registered("u-next"), key="k")
+        await eventually(lambda: applied_times(pool, "u-next"))
+        records = await kafka.read(f"{topic}.dlq", dlq_start, until=lambda rs: len(rs) >= 1)
+    finally:
+        for t in (relay, consumer):
+            t.cancel()
+        await asyncio.gather(relay, consumer, return_exceptions=True)
+        await producer.stop()
+    headers = dict(records[0].headers)
+    assert headers["error.code"] == b"HANDLER_ERROR" and b"another operation is in progress" in headers["error.message"]
+    assert json.loads(records[0].value)["data"]["user_id"] == "u-bug"
+
+
 # ------------------------------------------------------------ hand-off of a consumer's rows
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,41 @@
+"""Which Postgres errors are "the database is away" (retried) and which are a bug or a bad value
+(dead-lettered): shared/db.py connection_lost, shared/consumer.py transient."""
+import asyncio
+
+import asyncpg
+import pytest
+
+from shared import db
+from shared.consumer import transient
+
+
+@pytest.mark.parametrize("exc", [
+    ConnectionRefusedError(111, "Connection refused"),
+    asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    asyncpg.exceptions.CannotConnectNowError("the database system is not yet accepting connections"),
+    asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+    asyncpg.InterfaceError("connection is closed"),
+    asyncpg.InterfaceError("cannot perform operation: connection is closed"),
+    asyncpg.InterfaceError("pool is closing"),
+])
+def test_postgres_away_is_connection_lost(exc):
+    assert db.connection_lost(exc) and transient(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    asyncpg.exceptions.DataError("invalid input for query argument $1: 'x' (an integer is required)"),
+    asyncpg.exceptions._base.DataError("invalid record"),  # asyncpg's client-side DataError is an InterfaceError
+    asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+    asyncpg.exceptions.UndefinedColumnError('column "nope" does not exist'),
+    asyncpg.exceptions.CheckViolationError("new row violates check constraint"),
+    ValueError("rule violated"),
+])
+def test_a_bug_or_a_bad_value_is_not(exc):
+    assert not db.connection_lost(exc) and not transient(exc)
+
+
+@pytest.mark.parametrize("exc", [asyncio.TimeoutError(), asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+                                 asyncpg.exceptions.SerializationError("could not serialize access")])
+def test_timeouts_deadlocks_and_serialization_failures_are_retried(exc):
+    assert transient(exc)
