@@ -40,7 +40,7 @@ from shared.kafka import PRODUCER_MAX_BATCH_BYTES, KafkaAccessError, Security
 from shared.settings import SettingsError, env, env_choice, env_int
 from shared.consumer import dead_letter_headers
 from shared.events import CardDeclined, DecodeError, PaymentAbandoned, RiskDecided
-from services.risk import domain
+from services.risk import domain, handover
 
 log = structlog.get_logger("risk")
 
@@ -685,6 +685,7 @@ def main() -> None:
         loop.close()
     asyncio.set_event_loop(asyncio.new_event_loop())
 
+    handover.install()  # each fetched record to the agents without four tasks (handover.py)
     app = build(settings)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False,
                           redirect_stdouts=False)
