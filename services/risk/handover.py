@@ -21,7 +21,7 @@ import inspect
 from typing import Any
 
 from faust.transport.consumer import Consumer
-from mode.services import WaitResults
+from mode.services import Service, WaitResults
 
 _wait_first = Consumer.wait_first
 
@@ -62,5 +62,10 @@ async def wait_first(self: Consumer, *coros: Any, timeout: Any = None) -> WaitRe
     return await _wait_first(self, _finish(work, waiting_for), suspended)
 
 
-def install() -> None:
+def install() -> bool:
+    """Patch faust's consumer; False (nothing patched) if faust or mode no longer have the
+    `wait_first` this was written against (a faust upgrade then keeps its own hand-over)."""
+    if Consumer.wait_first is not Service.wait_first or _wait_first is not Service.wait_first:
+        return Consumer.wait_first is wait_first  # already installed, or not ours to change
     Consumer.wait_first = wait_first
+    return True

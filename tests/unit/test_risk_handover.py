@@ -87,3 +87,16 @@ async def test_other_uses_take_the_original_path():
 
     result = await handover.wait_first(consumer, slow())  # one waitable, as Service.wait does
     assert result.results == [1]
+
+
+def test_install_patches_faust_once_and_only_the_method_it_knows():
+    from faust.transport.consumer import Consumer
+
+    original = Consumer.wait_first
+    try:
+        assert handover.install() is True and Consumer.wait_first is handover.wait_first
+        assert handover.install() is True  # twice: still the patch, nothing wrapped twice
+        Consumer.wait_first = lambda self, *coros, timeout=None: None  # as if faust had its own now
+        assert handover.install() is False and Consumer.wait_first is not handover.wait_first
+    finally:
+        Consumer.wait_first = original
