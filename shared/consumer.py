@@ -39,11 +39,23 @@ _UNTRACED = contextlib.nullcontext({})  # tracing off: no span, no extra log fie
 _RETRIED = (asyncio.TimeoutError, asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
 
 
+class _ConnectionLeftBusy(Exception):
+    """A handler left a query of its own running on the batch's connection (a bug: e.g. two
+    queries at once on it), so nothing more can run there, not even the rollback. The connection
+    is closed and the batch applied again; the record goes to the dead letters then, without
+    its handler (ConsumerLoop._poisoned)."""
+
+
 def transient(exc: BaseException) -> bool:
     """A failure that is not the record's fault: Postgres away, a timeout, a serialization
     failure or a deadlock. The batch is rolled back and applied again; anything else a handler
     raises is the record's fault and dead-letters it."""
-    return db.connection_lost(exc) or isinstance(exc, _RETRIED)
+    return db.connection_lost(exc) or isinstance(exc, (*_RETRIED, _ConnectionLeftBusy))
+
+
+def _left_busy(exc: BaseException) -> bool:
+    """asyncpg refuses a statement while another runs on the same connection."""
+    return isinstance(exc, asyncpg.InterfaceError) and "another operation is in progress" in str(exc)
 
 
 def dead_letter_headers(record: Any, code: str, message: str) -> list[tuple[str, bytes]]:
@@ -148,6 +160,10 @@ class ConsumerLoop:
             **kafka.client_options(security),
         )
         self.ready = asyncio.Event()
+        # (topic, partition, offset) -> error: records whose handler left the connection busy;
+        # dead-lettered without their handler when the batch is applied again.
+        self._poisoned: dict[tuple[str, int, int], str] = {}
+        self._next_one_by_one = False  # a batch handler left it busy: the next try goes one by one
 
     async def run(self) -> None:
         await self.consumer.start()
@@ -229,8 +245,9 @@ class ConsumerLoop:
         """The whole batch in one transaction. Should a set path fail (a case it did not
         foresee), the transaction is rolled back and the batch applied again one by one: that
         way the set paths need no savepoints, which would cost two round trips per run."""
+        sets, self._next_one_by_one = not self._next_one_by_one, False
         try:
-            await self._apply(batch, sets=True)
+            await self._apply(batch, sets=sets)
         except _SetPathFailed as exc:
             log.warning("set path failed; the batch is applied again one by one", error=repr(exc.__cause__))
             await self._apply(batch, sets=False)
@@ -289,6 +306,10 @@ class ConsumerLoop:
             with tracing.set_run(sub.topic, run[0].env.type, run):
                 left = await handler(conn, [(d.env, d.data) for d in run])
         except Exception as exc:
+            if _left_busy(exc):
+                self._next_one_by_one = True  # to find the record, with its handler alone
+                conn.terminate()
+                raise _ConnectionLeftBusy(run[0].env.type) from exc
             if transient(exc):
                 raise
             raise _SetPathFailed() from exc
@@ -307,6 +328,10 @@ class ConsumerLoop:
         if handler is None:
             metrics.CONSUMED.labels(topic=topic, outcome="ignored").inc()
             return
+        position = (d.record.topic, d.record.partition, d.record.offset)
+        if position in self._poisoned:  # its handler left the connection busy last time: not again
+            await self._dead_letter(conn, d.record, "HANDLER_ERROR", self._poisoned.pop(position))
+            return
         # Tracing on: a consumer span per record, child of its traceparent; its ids go in the logs.
         with (tracing.consuming(topic, d.record, env) if tracing.ENABLED else _UNTRACED) as trace_ids, \
                 structlog.contextvars.bound_contextvars(
@@ -316,6 +341,13 @@ class ConsumerLoop:
                 async with conn.transaction():  # savepoint: a failing handler leaves no trace
                     await handler(conn, env, d.data)
             except Exception as exc:
+                if _left_busy(exc):  # nothing more runs on this connection, not even the rollback
+                    log.error("handler left the connection busy; the batch is applied again and the record "
+                              "dead-lettered", exc_info=True)
+                    cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+                    self._poisoned[position] = f"{type(cause).__name__}: {cause}"
+                    conn.terminate()
+                    raise _ConnectionLeftBusy(env.type) from exc
                 if transient(exc):
                     raise
                 # A bug or a rule violation this record triggers every time: park it, move on.

@@ -23,12 +23,17 @@ CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError,
 
 def connection_lost(exc: BaseException) -> bool:
     """Is `exc` Postgres being away (CONNECTION_LOST, or a closed connection or pool)? asyncpg
-    raises its InterfaceError for a closed connection, but also for a bug in the calls ("another
-    operation is in progress", subclasses such as its client-side DataError): retrying those
-    would never end, so only the closed ones count."""
+    raises its InterfaceError for a closed connection or pool, but also for a bug in the calls
+    ("another operation is in progress", a closed prepared statement): retrying those would never
+    end, so only asyncpg's closed-connection and closed-pool messages count."""
     if isinstance(exc, asyncpg.InterfaceError):
-        return type(exc) is asyncpg.InterfaceError and ("is closed" in str(exc) or "is closing" in str(exc))
+        return type(exc) is asyncpg.InterfaceError and str(exc).endswith(_CLOSED)
     return isinstance(exc, CONNECTION_LOST)
+
+
+# asyncpg's messages: "connection is closed", "cannot perform operation: connection is closed",
+# "... underlying connection is closed", "pool is closing", "pool is closed".
+_CLOSED = ("connection is closed", "pool is closing", "pool is closed")
 
 
 def json_text(value) -> str:

@@ -8,40 +8,54 @@ for the first to finish and cancels the other three, for every record. py-spy pu
 of the engine's samples. The callback nearly always finishes without waiting: it decodes the
 record and puts it in an agent's queue that has room.
 
-So the callback is first run by hand up to its first wait. If it finishes there (the usual
-case), that is all: no task, nothing to cancel. If it has to wait (a full queue, flow control,
-the producer's buffer), the rest of it goes through mode's `wait_first` as before, so that a
-suspended flow or a stopping service still interrupts it. A flow already suspended, or any
-other use of `wait_first`, takes the original path.
+So the callback's first step is run by hand (in a copy of the context, as its task would have
+had). If it finishes there (the usual case), that is all: no task, nothing to cancel. If it has
+to wait (a full queue, flow control, the producer's buffer), the rest of it becomes a task of
+mode's `wait_first` as before (`_Rest`): the task waits for what the callback is waiting for,
+and a suspended flow or a stopping service cancels it, with `CancelledError` thrown into the
+callback and the awaited future cancelled, as if it had been a task from the start. A flow
+already suspended, a stopping service, or any other use of `wait_first` takes the original path.
+
+Written against faust-streaming 0.15.3 and mode-streaming 0.7.1 (`install` checks the versions).
 """
 from __future__ import annotations
 
-import asyncio
+import contextvars
 import inspect
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Generator
 
 from faust.transport.consumer import Consumer
 from mode.services import Service, WaitResults
 
+WRITTEN_FOR = {"faust-streaming": "0.15.3", "mode-streaming": "0.7.1"}
+
 _wait_first = Consumer.wait_first
 
 
-async def _finish(coro, waiting_for: Any) -> Any:
-    """Run to its end a coroutine that was started by hand and now waits for `waiting_for`
-    (what it yielded: a future, or None for a bare yield), as its task would have."""
-    try:
+class _Rest:
+    """The rest of a coroutine whose first step was run by hand and yielded `waiting_for`.
+    Awaited by a task, it hands that task what the coroutine waits for, then passes on what
+    the task sends or throws (a result, a CancelledError), each step in the coroutine's context."""
+
+    def __init__(self, coro, waiting_for: Any, context: contextvars.Context):
+        self._coro, self._waiting_for, self._context = coro, waiting_for, context
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, run, waiting_for = self._coro, self._context.run, self._waiting_for
         while True:
-            if waiting_for is None:
-                await asyncio.sleep(0)
-            else:
-                await asyncio.wait([waiting_for])  # done, whatever the outcome: the coroutine reads it
             try:
-                waiting_for = coro.send(None)
-            except StopIteration as done:
-                return done.value
-    except BaseException:  # cancelled (the flow was suspended, the service stops) or it raised
-        coro.close()
-        raise
+                sent = yield waiting_for
+            except BaseException as exc:  # thrown in by the task: cancelled, or the future failed
+                try:
+                    waiting_for = run(coro.throw, exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    waiting_for = run(coro.send, sent)
+                except StopIteration as done:
+                    return done.value
 
 
 async def wait_first(self: Consumer, *coros: Any, timeout: Any = None) -> WaitResults:
@@ -49,8 +63,9 @@ async def wait_first(self: Consumer, *coros: Any, timeout: Any = None) -> WaitRe
             or self.suspend_flow.is_set() or self._stopped.is_set() or self._crashed.is_set()):
         return await _wait_first(self, *coros, timeout=timeout)
     work, suspended = coros
+    context = contextvars.copy_context()  # what the callback's own task would have run in
     try:
-        waiting_for = work.send(None)
+        waiting_for = context.run(work.send, None)
     except StopIteration as done:
         if inspect.iscoroutine(suspended):
             suspended.close()  # never awaited: nothing to cancel
@@ -59,13 +74,23 @@ async def wait_first(self: Consumer, *coros: Any, timeout: Any = None) -> WaitRe
         if inspect.iscoroutine(suspended):
             suspended.close()
         raise
-    return await _wait_first(self, _finish(work, waiting_for), suspended)
+    return await _wait_first(self, _Rest(work, waiting_for, context), suspended)
+
+
+def _versions_match() -> bool:
+    try:
+        return all(version(name) == v for name, v in WRITTEN_FOR.items())
+    except PackageNotFoundError:
+        return False
 
 
 def install() -> bool:
-    """Patch faust's consumer; False (nothing patched) if faust or mode no longer have the
-    `wait_first` this was written against (a faust upgrade then keeps its own hand-over)."""
-    if Consumer.wait_first is not Service.wait_first or _wait_first is not Service.wait_first:
-        return Consumer.wait_first is wait_first  # already installed, or not ours to change
+    """Patch faust's consumer; False (nothing patched) if faust or mode are not the versions
+    this was written against, or faust's consumer has a `wait_first` of its own (an upgrade
+    then keeps faust's own hand-over)."""
+    if Consumer.wait_first is wait_first:
+        return True
+    if Consumer.wait_first is not Service.wait_first or not _versions_match():
+        return False
     Consumer.wait_first = wait_first
     return True

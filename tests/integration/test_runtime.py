@@ -224,17 +224,24 @@ async def test_postgres_restarting_is_retried_not_blamed_on_the_record(infra, sc
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0  # no dead letter written (no relay here)
 
 
-async def test_a_misused_connection_dead_letters_the_record_not_retried_forever(infra, scratch, kafka):
+@pytest.mark.parametrize("still_running", [False, True])
+async def test_a_misused_connection_dead_letters_the_record_not_retried_forever(infra, scratch, kafka, still_running):
     """asyncpg raises InterfaceError for a closed connection, and the same class for a bug in
     the calls ("another operation is in progress"): such a bug fails the record every time, so
     the record is dead-lettered and the next one applied, instead of its batch being retried
-    (and its partition blocked) forever."""
+    (and its partition blocked) forever, or the consumer dying. With the handler's own query
+    still running nothing more can run on the connection, not even the rollback: the batch is
+    applied again on another connection, and the record dead-lettered without its handler."""
     schema, topic, pool = scratch
+    calls = []
 
     async def misuses_connection(conn, env, data):
         if data.user_id == "u-bug":
-            both = await asyncio.gather(conn.fetchval("SELECT pg_sleep(0.05)"), conn.fetchval("SELECT 1"),
-                                        return_exceptions=True)
+            calls.append(data.user_id)
+            slow, quick = conn.fetchval("SELECT pg_sleep(0.3)"), conn.fetchval("SELECT 1")
+            if still_running:  # the usual shape of the bug: the first query is left running
+                await asyncio.gather(slow, quick)
+            both = await asyncio.gather(slow, quick, return_exceptions=True)
             raise next(r for r in both if isinstance(r, Exception))
         await count_applied(conn, env, data)
 
@@ -258,6 +265,8 @@ async def test_a_misused_connection_dead_letters_the_record_not_retried_forever(
     headers = dict(records[0].headers)
     assert headers["error.code"] == b"HANDLER_ERROR" and b"another operation is in progress" in headers["error.message"]
     assert json.loads(records[0].value)["data"]["user_id"] == "u-bug"
+    assert calls == ["u-bug"]  # its handler ran once: the second time it went to the dead letters directly
+    assert await applied_times(pool, "u-next") == 1
 
 
 # ------------------------------------------------------------ hand-off of a consumer's rows

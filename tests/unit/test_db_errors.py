@@ -18,6 +18,8 @@ from shared.consumer import transient
     asyncpg.InterfaceError("connection is closed"),
     asyncpg.InterfaceError("cannot perform operation: connection is closed"),
     asyncpg.InterfaceError("pool is closing"),
+    asyncpg.InterfaceError("pool is closed"),
+    asyncpg.InterfaceError("cannot call Connection.execute(): the underlying connection is closed"),
 ])
 def test_postgres_away_is_connection_lost(exc):
     assert db.connection_lost(exc) and transient(exc)
@@ -25,7 +27,8 @@ def test_postgres_away_is_connection_lost(exc):
 
 @pytest.mark.parametrize("exc", [
     asyncpg.exceptions.DataError("invalid input for query argument $1: 'x' (an integer is required)"),
-    asyncpg.exceptions._base.DataError("invalid record"),  # asyncpg's client-side DataError is an InterfaceError
+    asyncpg.exceptions._base.DataError("invalid record"),  # a subclass of InterfaceError
+    asyncpg.InterfaceError("cannot call PreparedStatement.fetch(): the prepared statement is closed"),
     asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
     asyncpg.exceptions.UndefinedColumnError('column "nope" does not exist'),
     asyncpg.exceptions.CheckViolationError("new row violates check constraint"),
