@@ -36,7 +36,12 @@ BatchHandler = Callable[[asyncpg.Connection, list[tuple[Envelope, Strict]]],
 
 _UNTRACED = contextlib.nullcontext({})  # tracing off: no span, no extra log fields
 
-_RETRIED = (asyncio.TimeoutError, asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+_RETRIED = (asyncio.TimeoutError, asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError,
+            # A lock or statement timeout, or an operator's pg_cancel_backend: the next try is
+            # another moment. A migration by another instance changed a table under asyncpg's
+            # prepared statements: asyncpg drops them, and the next try prepares them afresh.
+            asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError,
+            asyncpg.exceptions.OutdatedSchemaCacheError, asyncpg.exceptions.InvalidCachedStatementError)
 
 
 class _ConnectionLeftBusy(Exception):
@@ -48,8 +53,9 @@ class _ConnectionLeftBusy(Exception):
 
 def transient(exc: BaseException) -> bool:
     """A failure that is not the record's fault: Postgres away, a timeout, a serialization
-    failure or a deadlock. The batch is rolled back and applied again; anything else a handler
-    raises is the record's fault and dead-letters it."""
+    failure, a deadlock, a cancelled statement or a schema changed under asyncpg's cache. The
+    batch is rolled back and applied again; anything else a handler raises is the record's fault
+    and dead-letters it."""
     return db.connection_lost(exc) or isinstance(exc, (*_RETRIED, _ConnectionLeftBusy))
 
 

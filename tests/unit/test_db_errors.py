@@ -38,7 +38,13 @@ def test_a_bug_or_a_bad_value_is_not(exc):
     assert not db.connection_lost(exc) and not transient(exc)
 
 
-@pytest.mark.parametrize("exc", [asyncio.TimeoutError(), asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
-                                 asyncpg.exceptions.SerializationError("could not serialize access")])
-def test_timeouts_deadlocks_and_serialization_failures_are_retried(exc):
+@pytest.mark.parametrize("exc", [
+    asyncio.TimeoutError(), asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+    asyncpg.exceptions.SerializationError("could not serialize access"),
+    asyncpg.exceptions.LockNotAvailableError("canceling statement due to lock timeout"),
+    asyncpg.exceptions.QueryCanceledError("canceling statement due to user request"),
+    asyncpg.exceptions.OutdatedSchemaCacheError("cached statement plan is invalid due to a database schema change"),
+    asyncpg.exceptions.InvalidCachedStatementError("cached plan must not change result type"),
+])
+def test_timeouts_deadlocks_cancels_and_schema_changes_are_retried(exc):
     assert transient(exc)
