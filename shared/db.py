@@ -21,6 +21,11 @@ CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError,
                    asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.TooManyConnectionsError)
 
 
+# asyncpg's messages: "connection is closed", "cannot perform operation: connection is closed",
+# "... underlying connection is closed", "pool is closing", "pool is closed".
+_CLOSED = ("connection is closed", "pool is closing", "pool is closed")
+
+
 def connection_lost(exc: BaseException) -> bool:
     """Is `exc` Postgres being away (CONNECTION_LOST, or a closed connection or pool)? asyncpg
     raises its InterfaceError for a closed connection or pool, but also for a bug in the calls
@@ -29,11 +34,6 @@ def connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         return type(exc) is asyncpg.InterfaceError and str(exc).endswith(_CLOSED)
     return isinstance(exc, CONNECTION_LOST)
-
-
-# asyncpg's messages: "connection is closed", "cannot perform operation: connection is closed",
-# "... underlying connection is closed", "pool is closing", "pool is closed".
-_CLOSED = ("connection is closed", "pool is closing", "pool is closed")
 
 
 def json_text(value) -> str:

@@ -166,31 +166,38 @@ async def test_poison_record_is_dead_lettered_and_the_partition_moves_on(infra, 
     assert headers["original.offset"] == str(meta.offset).encode()
 
 
-async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infra, scratch, kafka):
+async def _dead_letters(infra, scratch, kafka, handler, failing: str, following: str) -> list:
+    """Run a consumer (and a relay) with `handler` on two records, `failing` then `following`,
+    until `following` is applied; the dead letters written meanwhile."""
     schema, topic, pool = scratch
+    dlq_start = await kafka.end_offsets(f"{topic}.dlq")
+    producer = make_producer(infra.kafka)
+    await producer.start()
+    relay = asyncio.create_task(Relay(infra.database_url, schema, pool, producer).run())
+    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
+                        subscriptions=[Subscription(topic, {"UserRegistered": handler}, SCHEMAS)])
+    consumer = asyncio.create_task(loop.run())
+    try:
+        await kafka.send(topic, registered(failing), key="k")
+        await kafka.send(topic, registered(following), key="k")
+        await eventually(lambda: applied_times(pool, following))
+        return await kafka.read(f"{topic}.dlq", dlq_start, until=lambda rs: len(rs) >= 1)
+    finally:
+        for t in (relay, consumer):
+            t.cancel()
+        await asyncio.gather(relay, consumer, return_exceptions=True)
+        await producer.stop()
+
+
+async def test_handler_failure_parks_the_record_and_keeps_no_partial_effect(infra, scratch, kafka):
+    pool = scratch[2]
 
     async def half_then_fail(conn, env, data):
         await count_applied(conn, env, data)
         if data.user_id == "u-boom":
             raise ValueError("rule violated")
 
-    dlq_start = await kafka.end_offsets(f"{topic}.dlq")
-    producer = make_producer(infra.kafka)
-    await producer.start()
-    relay = asyncio.create_task(Relay(infra.database_url, schema, pool, producer).run())
-    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
-                        subscriptions=[Subscription(topic, {"UserRegistered": half_then_fail}, SCHEMAS)])
-    consumer = asyncio.create_task(loop.run())
-    try:
-        await kafka.send(topic, registered("u-boom"), key="k")
-        await kafka.send(topic, registered("u-fine"), key="k")
-        await eventually(lambda: applied_times(pool, "u-fine"))
-        records = await kafka.read(f"{topic}.dlq", dlq_start, until=lambda rs: len(rs) >= 1)
-    finally:
-        for t in (relay, consumer):
-            t.cancel()
-        await asyncio.gather(relay, consumer, return_exceptions=True)
-        await producer.stop()
+    records = await _dead_letters(infra, scratch, kafka, half_then_fail, "u-boom", "u-fine")
     assert await applied_times(pool, "u-boom") is None  # the savepoint rolled its half-effect back
     assert dict(records[0].headers)["error.code"] == b"HANDLER_ERROR"
     assert json.loads(records[0].value)["data"]["user_id"] == "u-boom"
@@ -232,7 +239,7 @@ async def test_a_misused_connection_dead_letters_the_record_not_retried_forever(
     (and its partition blocked) forever, or the consumer dying. With the handler's own query
     still running nothing more can run on the connection, not even the rollback: the batch is
     applied again on another connection, and the record dead-lettered without its handler."""
-    schema, topic, pool = scratch
+    pool = scratch[2]
     calls = []
 
     async def misuses_connection(conn, env, data):
@@ -245,23 +252,7 @@ async def test_a_misused_connection_dead_letters_the_record_not_retried_forever(
             raise next(r for r in both if isinstance(r, Exception))
         await count_applied(conn, env, data)
 
-    dlq_start = await kafka.end_offsets(f"{topic}.dlq")
-    producer = make_producer(infra.kafka)
-    await producer.start()
-    relay = asyncio.create_task(Relay(infra.database_url, schema, pool, producer).run())
-    loop = ConsumerLoop(bootstrap=infra.kafka, group_id=f"g-{schema}", pool=pool,
-                        subscriptions=[Subscription(topic, {"UserRegistered": misuses_connection}, SCHEMAS)])
-    consumer = asyncio.create_task(loop.run())
-    try:
-        await kafka.send(topic, registered("u-bug"), key="k")
-        await kafka.send(topic, registered("u-next"), key="k")
-        await eventually(lambda: applied_times(pool, "u-next"))
-        records = await kafka.read(f"{topic}.dlq", dlq_start, until=lambda rs: len(rs) >= 1)
-    finally:
-        for t in (relay, consumer):
-            t.cancel()
-        await asyncio.gather(relay, consumer, return_exceptions=True)
-        await producer.stop()
+    records = await _dead_letters(infra, scratch, kafka, misuses_connection, "u-bug", "u-next")
     headers = dict(records[0].headers)
     assert headers["error.code"] == b"HANDLER_ERROR" and b"another operation is in progress" in headers["error.message"]
     assert json.loads(records[0].value)["data"]["user_id"] == "u-bug"
