@@ -120,11 +120,20 @@ class Connection(asyncpg.Connection):
         return _Transaction(self, super().transaction(**options))
 
 
+# A prepared statement is planned once, not at every execution. Left to itself, Postgres kept
+# re-planning most of the hot statements (their array parameters make the generic plan's
+# estimate look dearer than a custom plan's), and planning took ~40 % of their time
+# (docs/performance.md, step 15). The generic plans of the set statements find their rows by
+# index (tests/integration/test_query_plans.py checks them).
+PLAN_CACHE_MODE = "force_generic_plan"
+
+
 async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
         connection_class=Connection,
-        server_settings={"search_path": schema, "application_name": f"danbao-{schema}"},
+        server_settings={"search_path": schema, "application_name": f"danbao-{schema}",
+                         "plan_cache_mode": PLAN_CACHE_MODE},
     )
 
 

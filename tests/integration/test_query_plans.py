@@ -80,3 +80,16 @@ async def test_behaviour_counts_find_their_profiles_by_key_and_name_the_huabei_u
         assert await _seq_scans(credit, "profiles") == before
         rows = await credit.fetch("SELECT user_id, successful_payments FROM profiles WHERE user_id IN ('u7', 'u9')")
         assert {r["user_id"]: r["successful_payments"] for r in rows} == {"u7": 2, "u9": 1}
+
+
+async def test_the_services_sessions_plan_a_prepared_statement_once(gateway):
+    """A service's pool runs every prepared statement on its generic plan (shared/db.py
+    PLAN_CACHE_MODE): planned once, not again at each execution with the values in it."""
+    await gateway.execute("PREPARE by_keys(text[]) AS SELECT * FROM payments WHERE order_id = ANY($1) FOR UPDATE")
+    try:
+        for _ in range(6):  # past the five custom plans Postgres tries by default
+            plan = "\n".join(r[0] for r in await gateway.fetch("EXPLAIN EXECUTE by_keys('{o1,o2}')"))
+            assert "$1" in plan and "o1" not in plan, plan
+            assert "Seq Scan" not in plan, plan
+    finally:
+        await gateway.execute("DEALLOCATE by_keys")
