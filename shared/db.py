@@ -15,7 +15,10 @@ RUNTIME_MIGRATIONS = Path(__file__).parent / "migrations"
 
 # Postgres is away or not there yet: the work is retried, never blamed on the record. While a
 # restarted server recovers it answers "not yet accepting connections" (57P03); a server shutting
-# down ends sessions with 57P01/57P02; a full server refuses with 53300.
+# down ends sessions with 57P01/57P02; a full server refuses with 53300. OSError is whole, not just
+# its network errors: connecting to a stopped server's Unix socket (how `./danbao up` connects the
+# services) raises FileNotFoundError, and asyncio reports several failed addresses as a plain
+# OSError. A handler's own file errors would be retried too; no handler touches files.
 CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError,
                    asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
                    asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.TooManyConnectionsError)

@@ -11,6 +11,10 @@ from shared.consumer import transient
 
 @pytest.mark.parametrize("exc", [
     ConnectionRefusedError(111, "Connection refused"),
+    # A stopped server's Unix socket is gone (the services connect through it), and asyncio's
+    # report of several failed addresses is a plain OSError.
+    FileNotFoundError(2, "No such file or directory"),
+    OSError("Multiple exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), [Errno 99] ..."),
     asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
     asyncpg.exceptions.CannotConnectNowError("the database system is not yet accepting connections"),
     asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
