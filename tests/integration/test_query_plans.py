@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from services.credit import store as credit_store
+from services.escrow import store as escrow_store
 from services.gateway import store as gateway_store
 from shared import db as dbmod
+from shared import ledger
 
 NOW = datetime(2026, 11, 29, tzinfo=timezone.utc)
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +95,44 @@ async def test_the_services_sessions_plan_a_prepared_statement_once(gateway):
             assert "Seq Scan" not in plan, plan
     finally:
         await gateway.execute("DEALLOCATE by_keys")
+
+
+@pytest.fixture
+async def fresh(infra):
+    """A service's schema as a new platform has it: migrated, its tables empty, never analyzed."""
+    made = []
+
+    async def make(service: str):
+        pool, schema = await _schema(infra, service)
+        made.append((pool, schema))
+        return pool
+
+    yield make
+    for pool, schema in made:
+        await pool.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+
+
+async def test_a_new_platforms_locks_find_their_rows_by_key(fresh):
+    """The plan a statement gets on its first execution is the one it keeps while its table grows
+    (until autoanalyze has it planned again): made on an empty table, it must still use the key,
+    or a new platform's first minute scans whole tables (shared/db.py RANDOM_PAGE_COST)."""
+    gateway, escrow = await fresh("gateway"), await fresh("escrow")
+    async with gateway.acquire() as conn, conn.transaction():
+        before = await _seq_scans(conn, "payments")
+        assert await gateway_store.lock_payments(conn, ["o1", "o2"]) == {}
+        assert await _seq_scans(conn, "payments") == before
+    async with escrow.acquire() as conn, conn.transaction():
+        before = await _seq_scans(conn, "escrows")
+        assert await escrow_store.lock_many(conn, ["o1", "o2"]) == {}
+        assert await _seq_scans(conn, "escrows") == before
+    async with gateway.acquire() as conn, conn.transaction():  # a wallet reservation, then its post
+        await ledger.open_account(conn, "wallet:b1", no_overdraft=True)
+        await ledger.transfer(conn, "top-up", "bank", "wallet:b1", 500, code="top_up", now=NOW)
+        before = {t: await _seq_scans(conn, t) for t in ("ledger_accounts", "ledger_transfers")}
+        applied, refused = await ledger.transfer_many(
+            conn, [ledger.NewTransfer("r1", "wallet:b1", "escrow", 300, code="hold", order_id="o1", pending=True)],
+            NOW, partial=True)
+        assert (applied, refused) == ({"r1"}, set())
+        assert await ledger.resolve_many(conn, [("p1", "r1")], post=True, now=NOW) == {"r1"}
+        assert {t: await _seq_scans(conn, t) for t in before} == before
