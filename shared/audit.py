@@ -79,6 +79,10 @@ async def finish(pool: asyncpg.Pool, entry_id: int, status: int) -> None:
 
 async def recent(pool: asyncpg.Pool, limit: int, before: int | None = None) -> list[dict]:
     """Newest first; `before` (an id) pages back."""
-    rows = await pool.fetch(
-        "SELECT * FROM audit_log WHERE $2::bigint IS NULL OR id < $2 ORDER BY id DESC LIMIT $1", limit, before)
+    # Two statements, not `$2 IS NULL OR id < $2`: the services run generic plans (shared/db.py),
+    # and the generic plan of that one would read every entry newer than `before`.
+    if before is None:
+        rows = await pool.fetch("SELECT * FROM audit_log ORDER BY id DESC LIMIT $1", limit)
+    else:
+        rows = await pool.fetch("SELECT * FROM audit_log WHERE id < $2 ORDER BY id DESC LIMIT $1", limit, before)
     return [dict(r) for r in rows]
