@@ -14,7 +14,7 @@ from services.credit import store as credit_store
 from services.escrow import store as escrow_store
 from services.gateway import store as gateway_store
 from shared import db as dbmod
-from shared import ledger
+from shared import inbox, ledger
 
 NOW = datetime(2026, 11, 29, tzinfo=timezone.utc)
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,3 +136,22 @@ async def test_a_new_platforms_locks_find_their_rows_by_key(fresh):
         assert (applied, refused) == ({"r1"}, set())
         assert await ledger.resolve_many(conn, [("p1", "r1")], post=True, now=NOW) == {"r1"}
         assert {t: await _seq_scans(conn, t) for t in before} == before
+
+
+async def _all_seq_scans(conn) -> int:
+    return await conn.fetchval(
+        "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables WHERE schemaname = current_schema()")
+
+
+async def test_a_new_platforms_hot_statements_scan_no_table(fresh):
+    """The other statements of a saga's hops, first run on a new platform's empty tables: none
+    scans a table (their plans are kept as the tables grow, see above)."""
+    gateway = await fresh("gateway")
+    async with gateway.acquire() as conn, conn.transaction():
+        before = await _all_seq_scans(conn)
+        assert await inbox.first_deliveries(conn, ["e1", "e2"], ["orders.events"] * 2) == {"e1", "e2"}
+        assert await gateway_store.registered_at(conn, "u1", "u2") == {}
+        await gateway_store.update_payments(conn, NOW, [{"order_id": "o1", "saga_state": "RISK_CHECK"}])
+        assert await gateway_store.take_events_many(conn, ["o1"], "pending", "forwarded") == {}
+        assert await gateway_store.due_saga_ids(conn, NOW, 100) == []
+        assert await _all_seq_scans(conn) == before
