@@ -370,6 +370,13 @@ class Shop:
     async def payment(self, order_id: str) -> dict:
         return (await self.api("gateway").get(f"/v1/payments/{order_id}")).json()
 
+    async def awaiting_card(self, order_id: str) -> bool:
+        """Approved by the risk engine, the card channel asked and no outcome yet: its deadline
+        runs from the approval, so a clock move must come after this."""
+        payment = await self.payment(order_id)
+        return (payment.get("status") == "PENDING" and payment.get("risk_decision") == "approve"
+                and order_id not in self.outcomes.by_order)
+
     async def escrow(self, order_id: str) -> dict:
         return (await self.api("escrow").get(f"/v1/escrows/{order_id}")).json()
 

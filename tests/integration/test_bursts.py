@@ -151,7 +151,7 @@ async def test_timers_fire_once_with_two_instances(shop, second_instances):
     for order in shipped:
         await eventually(lambda: _auto_confirm_set(shop, order))
     for order in silent:  # risk decided, card asked: the channel deadline runs (moved before that,
-        await eventually(lambda: _charging(shop, order))  # the deadline starts after the move)
+        await eventually(lambda: shop.awaiting_card(order))  # the deadline starts after the move)
     await shop.advance_clock(86_400 + 31)  # past every auto-confirm and every channel deadline
     for order in silent:
         events = await shop.events(order, 1, settle=0)
@@ -167,12 +167,6 @@ async def test_timers_fire_once_with_two_instances(shop, second_instances):
     assert await shop.wallet(seller) == 3 * 994
     assert await shop.wallet(buyer) == 0
     await shop.audit()
-
-
-async def _charging(shop, order):
-    """Approved by the risk engine and waiting for the card channel."""
-    payment = await shop.payment(order)
-    return payment.get("status") == "PENDING" and payment.get("risk_decision") == "approve"
 
 
 async def _auto_confirm_set(shop, order):

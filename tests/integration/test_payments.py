@@ -156,20 +156,12 @@ async def test_payment_failures(shop, case):
 async def test_silent_channel_times_out_by_the_clock(shop):
     buyer, seller = await shop.user(), await shop.user()
     order = await shop.place(buyer, seller, 100, method="bank_card", card_token="tok_timeout")
-    await eventually(lambda: _saga_state(shop, order, "FUNDING"))
+    await eventually(lambda: shop.awaiting_card(order))
     assert shop.outcomes.by_order.get(order) is None
     await shop.advance_clock(31)
     (failed,) = await shop.events(order, 1)
     assert failed["data"]["reason_code"] == "CHANNEL_TIMEOUT"
     await shop.audit()
-
-
-async def _saga_state(shop, order, state):
-    """Still pending, and past the risk check when `state` is FUNDING (the card channel asked, so
-    its deadline runs from before any clock move that follows)."""
-    payment = await shop.payment(order)
-    past_risk = state != "FUNDING" or payment.get("risk_decision") == "approve"
-    return payment.get("status") == "PENDING" and past_risk and order not in shop.outcomes.by_order
 
 
 async def test_duplicate_order_and_duplicate_deliveries(shop):

@@ -113,45 +113,35 @@ async def fresh(infra):
         await pool.close()
 
 
-async def test_a_new_platforms_locks_find_their_rows_by_key(fresh):
-    """The plan a statement gets on its first execution is the one it keeps while its table grows
-    (until autoanalyze has it planned again): made on an empty table, it must still use the key,
-    or a new platform's first minute scans whole tables (shared/db.py RANDOM_PAGE_COST)."""
-    gateway, escrow = await fresh("gateway"), await fresh("escrow")
-    async with gateway.acquire() as conn, conn.transaction():
-        before = await _seq_scans(conn, "payments")
-        assert await gateway_store.lock_payments(conn, ["o1", "o2"]) == {}
-        assert await _seq_scans(conn, "payments") == before
-    async with escrow.acquire() as conn, conn.transaction():
-        before = await _seq_scans(conn, "escrows")
-        assert await escrow_store.lock_many(conn, ["o1", "o2"]) == {}
-        assert await _seq_scans(conn, "escrows") == before
-    async with gateway.acquire() as conn, conn.transaction():  # a wallet reservation, then its post
-        await ledger.open_account(conn, "wallet:b1", no_overdraft=True)
-        await ledger.transfer(conn, "top-up", "bank", "wallet:b1", 500, code="top_up", now=NOW)
-        before = {t: await _seq_scans(conn, t) for t in ("ledger_accounts", "ledger_transfers")}
-        applied, refused = await ledger.transfer_many(
-            conn, [ledger.NewTransfer("r1", "wallet:b1", "escrow", 300, code="hold", order_id="o1", pending=True)],
-            NOW, partial=True)
-        assert (applied, refused) == ({"r1"}, set())
-        assert await ledger.resolve_many(conn, [("p1", "r1")], post=True, now=NOW) == {"r1"}
-        assert {t: await _seq_scans(conn, t) for t in before} == before
-
-
 async def _all_seq_scans(conn) -> int:
+    """Sequential scans of any table of the session's schema, counted by this transaction so far."""
     return await conn.fetchval(
         "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables WHERE schemaname = current_schema()")
 
 
 async def test_a_new_platforms_hot_statements_scan_no_table(fresh):
-    """The other statements of a saga's hops, first run on a new platform's empty tables: none
-    scans a table (their plans are kept as the tables grow, see above)."""
-    gateway = await fresh("gateway")
+    """The plan a statement gets on its first execution is the one it keeps while its table grows
+    (until autoanalyze has it planned again): made on an empty table, it must still use the key,
+    or a new platform's first minute scans whole tables (shared/db.py RANDOM_PAGE_COST). The
+    statements of a saga's hops, first run on a new platform's empty tables: none scans a table."""
+    gateway, escrow = await fresh("gateway"), await fresh("escrow")
     async with gateway.acquire() as conn, conn.transaction():
+        await ledger.open_account(conn, "wallet:b1", no_overdraft=True)
+        await ledger.transfer(conn, "top-up", "bank", "wallet:b1", 500, code="top_up", now=NOW)
         before = await _all_seq_scans(conn)
         assert await inbox.first_deliveries(conn, ["e1", "e2"], ["orders.events"] * 2) == {"e1", "e2"}
         assert await gateway_store.registered_at(conn, "u1", "u2") == {}
+        assert await gateway_store.lock_payments(conn, ["o1", "o2"]) == {}
+        applied, refused = await ledger.transfer_many(  # a wallet reservation, then its post
+            conn, [ledger.NewTransfer("r1", "wallet:b1", "escrow", 300, code="hold", order_id="o1", pending=True)],
+            NOW, partial=True)
+        assert (applied, refused) == ({"r1"}, set())
+        assert await ledger.resolve_many(conn, [("p1", "r1")], post=True, now=NOW) == {"r1"}
         await gateway_store.update_payments(conn, NOW, [{"order_id": "o1", "saga_state": "RISK_CHECK"}])
         assert await gateway_store.take_events_many(conn, ["o1"], "pending", "forwarded") == {}
         assert await gateway_store.due_saga_ids(conn, NOW, 100) == []
+        assert await _all_seq_scans(conn) == before
+    async with escrow.acquire() as conn, conn.transaction():
+        before = await _all_seq_scans(conn)
+        assert await escrow_store.lock_many(conn, ["o1", "o2"]) == {}
         assert await _all_seq_scans(conn) == before
