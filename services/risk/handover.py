@@ -45,17 +45,13 @@ class _Rest:
         coro, run, waiting_for = self._coro, self._context.run, self._waiting_for
         while True:
             try:
-                sent = yield waiting_for
+                step, arg = coro.send, (yield waiting_for)
             except BaseException as exc:  # thrown in by the task: cancelled, or the future failed
-                try:
-                    waiting_for = run(coro.throw, exc)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    waiting_for = run(coro.send, sent)
-                except StopIteration as done:
-                    return done.value
+                step, arg = coro.throw, exc
+            try:
+                waiting_for = run(step, arg)
+            except StopIteration as done:
+                return done.value
 
 
 async def wait_first(self: Consumer, *coros: Any, timeout: Any = None) -> WaitResults:
