@@ -207,11 +207,10 @@ ct_build_images() {  # which: all | infra
 # Secrets for compose: the operator token, JWT secret and personal data key of ./danbao, and a Postgres password
 # generated once into the same file. Values in the environment win.
 ct_secrets() {
-  local PY=$PY; [ -x "$PY" ] || PY=$(command -v python3)  # ensure_secrets needs a Python, not the venv
   ensure_secrets
   local f="$DATA/secrets.env"
-  if ! grep -q '^POSTGRES_PASSWORD=' "$f"; then
-    echo "POSTGRES_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')" >> "$f"
+  if [ -z "$(sed -n 's/^POSTGRES_PASSWORD=//p' "$f")" ]; then
+    sed -i '/^POSTGRES_PASSWORD=/d' "$f"; echo "POSTGRES_PASSWORD=$(random_secret 24)" >> "$f"
   fi
   export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-$(sed -n 's/^POSTGRES_PASSWORD=//p' "$f")}"
 }
