@@ -124,7 +124,7 @@ async def test_a_new_platforms_hot_statements_scan_no_table(fresh):
     (until autoanalyze has it planned again): made on an empty table, it must still use the key,
     or a new platform's first minute scans whole tables (shared/db.py RANDOM_PAGE_COST). The
     statements of a saga's hops, first run on a new platform's empty tables: none scans a table."""
-    gateway, escrow = await fresh("gateway"), await fresh("escrow")
+    gateway, escrow, credit = await fresh("gateway"), await fresh("escrow"), await fresh("credit")
     async with gateway.acquire() as conn, conn.transaction():
         await ledger.open_account(conn, "wallet:b1", no_overdraft=True)
         await ledger.transfer(conn, "top-up", "bank", "wallet:b1", 500, code="top_up", now=NOW)
@@ -140,8 +140,20 @@ async def test_a_new_platforms_hot_statements_scan_no_table(fresh):
         await gateway_store.update_payments(conn, NOW, [{"order_id": "o1", "saga_state": "RISK_CHECK"}])
         assert await gateway_store.take_events_many(conn, ["o1"], "pending", "forwarded") == {}
         assert await gateway_store.due_saga_ids(conn, NOW, 100) == []
+        assert await gateway_store.expire_parked(conn, NOW, 100) == []  # its timer, each second
         assert await _all_seq_scans(conn) == before
     async with escrow.acquire() as conn, conn.transaction():
         before = await _all_seq_scans(conn)
         assert await escrow_store.lock_many(conn, ["o1", "o2"]) == {}
+        assert await escrow_store.lock_due(conn, NOW, 100) == []  # auto-confirm, each second
+        assert await _all_seq_scans(conn) == before
+    # credit: a payment's count, a Huabei reservation, and its timers (each second: expiries, reviews)
+    async with credit.acquire() as conn, conn.transaction():
+        before = await _all_seq_scans(conn)
+        assert await credit_store.count_behaviour_many(conn, {"u1": 1, "u2": 2}, "successful_payments") == []
+        assert await credit_store.get_account(conn, "u1", lock=True) is None
+        assert await credit_store.try_reserve(conn, "u1", 100) is False
+        assert await credit_store.get_reservation(conn, "o1") is None
+        assert await credit_store.expired_reservations(conn, NOW, 100) == []
+        assert await credit_store.due_reviews(conn, NOW, 100) == []
         assert await _all_seq_scans(conn) == before
