@@ -308,6 +308,10 @@ async def test_changelogs_created_before_get_small_segments_at_start(infra, monk
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
                                             topic_configs={"cleanup.policy": "compact", "max.message.bytes": "2000000"})])
+
+        async def described():  # a new topic's configs can come back empty for a moment after its creation
+            return "segment.bytes" in await config()
+        await eventually(described, timeout=10)
         assert (await config())["segment.bytes"] == str(2**30)
         monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
         monkeypatch.setenv("RISK_APP_ID", app_id)
