@@ -208,11 +208,7 @@ ct_build_images() {  # which: all | infra
 # generated once into the same file. Values in the environment win.
 ct_secrets() {
   ensure_secrets
-  local f="$DATA/secrets.env"
-  if [ -z "$(sed -n 's/^POSTGRES_PASSWORD=//p' "$f")" ]; then
-    sed -i '/^POSTGRES_PASSWORD=/d' "$f"; echo "POSTGRES_PASSWORD=$(random_secret 24)" >> "$f"
-  fi
-  export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-$(sed -n 's/^POSTGRES_PASSWORD=//p' "$f")}"
+  ensure_secret POSTGRES_PASSWORD 24
 }
 
 ct_port() {  # service -> host port
